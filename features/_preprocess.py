@@ -232,9 +232,17 @@ class TextPreprocessor:
         return self.collate((texts * batch_size)[:batch_size])
 
     def load(self, item: str) -> str:
-        """Check one text; texts need no decoding."""
+        """Check one text; texts need no decoding.
+
+        An empty or blank text is refused: it would embed to the vector of
+        the special tokens alone, the same for every empty input, and a head
+        would label it by its class priors only. Tables already treat a blank
+        cell as missing; this makes ``.txt`` files and API calls agree.
+        """
         if not isinstance(item, str):
             raise InputError(f"expected a text (str), got {type(item).__name__}")
+        if not item.strip():
+            raise InputError("empty text: nothing to embed")
         return item
 
     def collate(self, loaded: list[str]) -> dict[str, np.ndarray]:

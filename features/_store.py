@@ -212,6 +212,7 @@ class FeatureStore:
             ) from None
         try:
             self._file_cache.clear()
+            self._remove_stale_temporaries()
             yield self
         finally:
             lock.release()
@@ -272,7 +273,21 @@ class FeatureStore:
     def _shards(self) -> list[Path]:
         if not self.shard_dir.is_dir():
             return []
-        return sorted(self.shard_dir.glob("*.h5"))
+        # Names starting with "." are shards still being written (or left
+        # behind by a killed process): never read them.
+        return sorted(
+            path
+            for path in self.shard_dir.glob("*.h5")
+            if not path.name.startswith(".")
+        )
+
+    def _remove_stale_temporaries(self) -> None:
+        """Delete half-written shards of killed writers (under the lock)."""
+        if not self.shard_dir.is_dir():
+            return
+        for path in self.shard_dir.glob(".tmp-*.h5"):
+            path.unlink(missing_ok=True)
+            logger.info("removed %s, left by an interrupted writer", path)
 
     def _files(self) -> list[Path]:
         main = [self.path] if self.path.exists() else []

@@ -20,6 +20,8 @@ from features import (
     load_dataset,
 )
 
+from ._validation import EXIT_SKIPPED, report_skipped, skipped_list_path
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = {"image": "efficientnet_lite0", "text": "minilm_l6"}
@@ -80,6 +82,23 @@ def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar"
     )
+    parser.add_argument(
+        "--commit-every",
+        type=int,
+        default=256,
+        help="rows per committed shard: at most this many are lost to a kill",
+    )
+    parser.add_argument(
+        "--on-error",
+        choices=("skip", "raise"),
+        default="skip",
+        help="skip unusable inputs and list them (default), or stop at the first",
+    )
+    parser.add_argument(
+        "--allow-skipped",
+        action="store_true",
+        help=f"exit 0 even if inputs were skipped (default: exit {EXIT_SKIPPED})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,18 +137,27 @@ def make_extractor(args, modality: str) -> Extractor:
         store=args.store or default_store_path(),
         batch_size=args.batch_size,
         num_threads=args.threads,
+        commit_every=args.commit_every,
+        on_error=args.on_error,
         progress=False if args.no_progress else None,
     )
 
 
 def read_data(args):
-    return load_dataset(
+    dataset = load_dataset(
         args.data,
         path_column=args.path_column,
         text_column=args.text_column,
         label_column=args.label_column,
         columns=args.columns,
     )
+    if getattr(args, "on_error", "skip") == "raise" and dataset.skipped:
+        first = dataset.skipped[0]
+        raise InputError(
+            f"{first['source']}: {first['reason']} ({len(dataset.skipped)} entries "
+            "unusable; --on-error skip lists them and goes on)"
+        )
+    return dataset
 
 
 @command("backbones")
@@ -164,11 +192,18 @@ def run_extract(args) -> int:
         "fingerprint": extractor.fingerprint,
         "store": str(extractor.store.path),
     }
+    if summary.failures:
+        out["skipped_list"] = str(skipped_list_path(extractor.store.path))
     if args.json:
         print(json.dumps(out))
     else:
         print_summary(out)
-    return 0
+    return report_skipped(
+        "extract",
+        summary.failures,
+        extractor.store.path,
+        allow_skipped=args.allow_skipped,
+    )
 
 
 def print_summary(out: dict) -> None:
