@@ -48,3 +48,48 @@ def clothing() -> Path:
 @pytest.fixture(scope="session")
 def sms_file() -> Path:
     return require_data(SMS)
+
+
+@pytest.fixture(scope="session")
+def sms_dataset(sms_file):
+    """All 5,574 SMS messages, parsed once."""
+    from features import load_dataset
+
+    return load_dataset(sms_file, columns=["label", "text"])
+
+
+@pytest.fixture(scope="session")
+def sms_sample(sms_dataset) -> list[str]:
+    """600 SMS messages standing for the whole collection.
+
+    The 40 longest messages (for truncation and padding), every copy of the
+    15 most repeated ones (for shared rows), and a stratified random rest.
+    """
+    import numpy as np
+
+    texts = sms_dataset.items
+    labels = np.asarray(sms_dataset.labels)
+    longest = sorted(range(len(texts)), key=lambda i: len(texts[i]))[-40:]
+    counts: dict[str, int] = {}
+    for text in texts:
+        counts[text] = counts.get(text, 0) + 1
+    repeated = set(sorted(counts, key=counts.get, reverse=True)[:15])
+    chosen = set(longest) | {i for i, text in enumerate(texts) if text in repeated}
+    rng = np.random.default_rng(0)
+    rest = 600 - len(chosen)
+    for label in ("ham", "spam"):
+        pool = [i for i in np.flatnonzero(labels == label) if i not in chosen]
+        share = round(rest * np.mean(labels == label))
+        chosen.update(int(i) for i in rng.choice(pool, share, replace=False))
+    return [texts[i] for i in sorted(chosen)][:600]
+
+
+@pytest.fixture(scope="session")
+def sms_sample_extracted(sms_sample, tmp_path_factory):
+    """The SMS sample extracted once with ``minilm_l6`` into an HDF5 store."""
+    from features import Extractor
+
+    store = tmp_path_factory.mktemp("sms") / "sms.h5"
+    extractor = Extractor("minilm_l6", store, progress=False)
+    result = extractor.extract(sms_sample)
+    return extractor, result
