@@ -13,6 +13,7 @@ from ._backbones import (
     torch_backbone,
 )
 from ._data import Dataset, load_dataset
+from ._distributed import ClusterError, DistributedResult, extract_distributed
 from ._export import ExportMismatchError, cache_dir
 from ._extract import ExtractionResult, ExtractionSummary, Extractor, content_key
 from ._preprocess import ImagePreprocessor, InputError, TextPreprocessor
@@ -20,7 +21,9 @@ from ._store import FeatureStore, MemoryStore, StoreBusyError, StoreError
 
 __all__ = [
     "Backbone",
+    "ClusterError",
     "Dataset",
+    "DistributedResult",
     "ExportMismatchError",
     "ExtractionResult",
     "ExtractionSummary",
@@ -35,6 +38,7 @@ __all__ = [
     "UnknownBackboneError",
     "cache_dir",
     "content_key",
+    "extract_distributed",
     "get_backbone",
     "list_backbones",
     "load_dataset",
