@@ -173,6 +173,9 @@ class Extractor:
 
         failed = {**known_failures, **{r["key"]: r for r in new_failures}}
         for position, key in enumerate(keys):
+            if key in known_failures:
+                # Recorded by an earlier run: skipped again, or raised.
+                self._fail(sources[position], known_failures[key]["reason"])
             if key in failed:
                 summary.failures.append(
                     {"source": sources[position], "reason": failed[key]["reason"]}
