@@ -13,7 +13,12 @@ from ._backbones import (
     torch_backbone,
 )
 from ._data import Dataset, load_dataset
-from ._distributed import ClusterError, DistributedResult, extract_distributed
+from ._distributed import (
+    ClusterError,
+    DistributedResult,
+    dask_client,
+    extract_distributed,
+)
 from ._export import ExportMismatchError, cache_dir
 from ._extract import ExtractionResult, ExtractionSummary, Extractor, content_key
 from ._preprocess import ImagePreprocessor, InputError, TextPreprocessor
@@ -38,6 +43,7 @@ __all__ = [
     "UnknownBackboneError",
     "cache_dir",
     "content_key",
+    "dask_client",
     "extract_distributed",
     "get_backbone",
     "list_backbones",

@@ -28,8 +28,9 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +45,7 @@ from ._extract import (
 )
 from ._preprocess import InputError, read_input_bytes
 
-__all__ = ["ClusterError", "DistributedResult", "extract_distributed"]
+__all__ = ["ClusterError", "DistributedResult", "dask_client", "extract_distributed"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,62 @@ def import_distributed():
             "with: pip install 'bneck[dask]'"
         ) from exc
     return distributed
+
+
+@contextmanager
+def dask_client(
+    scheduler: str | None = None,
+    *,
+    workers: int | None = None,
+    timeout: float = 10.0,
+) -> Iterator:
+    """A Dask client of a running cluster, or of a local one started here.
+
+    Parameters
+    ----------
+    scheduler : str, optional
+        Address of a running scheduler, e.g. ``"tcp://10.0.0.5:8786"``.
+    workers : int, optional
+        Instead, start a local cluster of this many worker processes with one
+        thread each; it is closed on exit.
+    timeout : float, default=10
+        Seconds to wait for the scheduler to answer.
+
+    Yields
+    ------
+    distributed.Client
+    """
+    distributed = import_distributed()
+    if (scheduler is None) == (workers is None):
+        raise ValueError("give either a scheduler address or a number of workers")
+    if scheduler is not None:
+        try:
+            client = distributed.Client(scheduler, timeout=timeout)
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise ClusterError(
+                f"cannot reach the Dask scheduler at {scheduler!r} ({exc}); check "
+                "that it runs and that this machine can reach it"
+            ) from None
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers={workers!r}; expected a positive int")
+    cluster = distributed.LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        silence_logs=logging.ERROR,
+    )
+    client = distributed.Client(cluster)
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()
 
 
 def extract_distributed(
@@ -159,6 +216,9 @@ def extract_distributed(
 
     failed = {**known_failures, **{r["key"]: r for r in new_failures}}
     for position, key in enumerate(keys):
+        if key in known_failures:
+            # Recorded by an earlier run: skipped again, or raised.
+            extractor._fail(sources[position], known_failures[key]["reason"])
         if key in failed:
             summary.failures.append(
                 {"source": sources[position], "reason": failed[key]["reason"]}

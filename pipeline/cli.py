@@ -9,12 +9,15 @@ import sys
 from collections.abc import Callable, Sequence
 
 from features import (
+    ClusterError,
     ExportMismatchError,
     Extractor,
     InputError,
     StoreError,
     UnknownBackboneError,
     cache_dir,
+    dask_client,
+    extract_distributed,
     get_backbone,
     list_backbones,
     load_dataset,
@@ -28,6 +31,7 @@ DEFAULT_BACKBONE = {"image": "efficientnet_lite0", "text": "minilm_l6"}
 
 #: Errors that are the user's to fix: one line, no traceback.
 USER_ERRORS = (
+    ClusterError,
     ExportMismatchError,
     FileNotFoundError,
     ImportError,
@@ -118,6 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(sub)
     add_extraction_arguments(sub)
     sub.add_argument("--json", action="store_true", help="print a JSON summary")
+    cluster = sub.add_mutually_exclusive_group()
+    cluster.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run on the Dask cluster of this scheduler, e.g. tcp://host:8786; "
+        "the workers must read the inputs at the same paths (needs bneck[dask])",
+    )
+    cluster.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="run on a local Dask cluster of N worker processes (needs bneck[dask])",
+    )
     return parser
 
 
@@ -180,7 +197,13 @@ def run_backbones(args) -> int:
 def run_extract(args) -> int:
     dataset = read_data(args)
     extractor = make_extractor(args, dataset.modality)
-    result = extractor.extract(dataset.items, dataset.sources)
+    if args.scheduler is not None or args.workers is not None:
+        with dask_client(args.scheduler, workers=args.workers) as client:
+            result = extract_distributed(
+                extractor, dataset.items, client, dataset.sources
+            )
+    else:
+        result = extractor.extract(dataset.items, dataset.sources)
     extractor.store.compact()
     summary = result.summary
     summary.failures = dataset.skipped + summary.failures
