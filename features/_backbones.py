@@ -103,7 +103,10 @@ class Backbone:
         """Whether the weights and the packages to build the net are present."""
         packages = all(importlib.util.find_spec(name) for name in self.requires)
         files = all(Path(path).is_file() for path in self.weights_files)
-        return packages and files and bool(self.weights_files or self.onnx_file)
+        # A module given to torch_backbone holds its weights in memory: the
+        # digest of its state dict stands for the files.
+        given = self.weights_files or self.onnx_file or self.weights_digest
+        return packages and files and bool(given)
 
     def fingerprint(self) -> str:
         """Hash of weights, preprocessing and export code version."""
@@ -169,6 +172,18 @@ class Backbone:
         """Run one preprocessed batch through the graph."""
         session = self.session(num_threads)
         return session.run([OUTPUT_NAME], inputs)[0]
+
+    def quantized(self, calibration_items=None, config=None) -> Backbone:
+        """This backbone with INT8 arithmetic, quantized once into the cache.
+
+        Images use static quantization calibrated on a sample of
+        ``calibration_items`` (your own inputs); text uses dynamic
+        quantization and needs none. The result has its own fingerprint.
+        See :func:`features._quantize.quantize_backbone`.
+        """
+        from ._quantize import quantize_backbone
+
+        return quantize_backbone(self, calibration_items, config)
 
     def describe(self) -> dict[str, Any]:
         return {
