@@ -245,6 +245,10 @@ class TextPreprocessor:
             raise InputError("empty text: nothing to embed")
         return item
 
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """Tokens per text after truncation, for batching by length."""
+        return [len(encoding.ids) for encoding in self.tokenizer.encode_batch(texts)]
+
     def collate(self, loaded: list[str]) -> dict[str, np.ndarray]:
         """Tokenize a batch and pad it to its longest member."""
         encodings = self.tokenizer.encode_batch(loaded)
