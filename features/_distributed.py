@@ -131,7 +131,7 @@ def dask_client(
         n_workers=workers,
         threads_per_worker=1,
         processes=True,
-        dashboard_address=None,
+        dashboard_address=":0",  # any free port: never clash with another
         silence_logs=logging.ERROR,
     )
     client = distributed.Client(cluster)
@@ -255,14 +255,18 @@ class _Run:
                 "the Dask cluster has no workers; start some, or use --workers N"
             )
         host_slots = _slots_per_host(workers)
-        shared = self.client.scatter(backbone, broadcast=True, hash=False)
+        # NOTE: the backbone travels inside every task rather than scattered
+        # once: scattered data dies with the workers holding it, and then every
+        # pending partition fails. Registered and ONNX backbones pickle to under
+        # a kilobyte; a torch_backbone carries its module, so for a large user
+        # module prefer onnx_backbone on a shared filesystem.
         window = max(2, 2 * sum(info["nthreads"] for info in workers.values()))
 
         queue = iter(enumerate(partitions))
         futures = distributed.as_completed()
         by_future = {}
         for index, partition in _take(queue, window):
-            by_future[self._submit(shared, index, partition, host_slots)] = index
+            by_future[self._submit(backbone, index, partition, host_slots)] = index
         futures.update(by_future)
 
         reports: list[dict] = []
@@ -288,7 +292,7 @@ class _Run:
                     future.release()
                 bar.update(len(partitions[index]))
                 for following, partition in _take(queue, 1):
-                    future = self._submit(shared, following, partition, host_slots)
+                    future = self._submit(backbone, following, partition, host_slots)
                     by_future[future] = following
                     futures.add(future)
         except BaseException:
@@ -297,7 +301,6 @@ class _Run:
             raise
         finally:
             bar.close()
-            self.client.cancel([shared])
         if errors:
             raise ClusterError(
                 f"{len(errors)} of {len(partitions)} partitions failed on the "
@@ -306,10 +309,10 @@ class _Run:
             )
         return sorted(reports, key=lambda report: report["index"]), failures
 
-    def _submit(self, shared, index: int, partition: list, host_slots: dict):
+    def _submit(self, backbone, index: int, partition: list, host_slots: dict):
         return self.client.submit(
             _extract_partition,
-            shared,
+            backbone,
             partition,
             batch_size=self.extractor.batch_size,
             host_slots=host_slots,

@@ -93,3 +93,22 @@ def sms_sample_extracted(sms_sample, tmp_path_factory):
     extractor = Extractor("minilm_l6", store, progress=False)
     result = extractor.extract(sms_sample)
     return extractor, result
+
+
+@pytest.fixture(scope="session")
+def ants_bees_train(ants_bees):
+    """The 245 ants/bees training images as a Dataset."""
+    from features import load_dataset
+
+    return load_dataset(ants_bees / "train")
+
+
+@pytest.fixture(scope="session")
+def ants_bees_train_extracted(ants_bees_train, tmp_path_factory):
+    """The ants/bees training images extracted once, single-process."""
+    from features import Extractor
+
+    store = tmp_path_factory.mktemp("ants_bees") / "train.h5"
+    extractor = Extractor("efficientnet_lite0", store, progress=False)
+    result = extractor.extract(ants_bees_train.items, ants_bees_train.sources)
+    return extractor, result
