@@ -121,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_data_arguments(sub)
     add_extraction_arguments(sub)
+    sub.add_argument(
+        "--precision",
+        choices=("fp32", "int8"),
+        default="fp32",
+        help="int8: quantize the backbone (images: calibrated on a sample of "
+        "DATA) into its own store namespace; faster, features within cosine "
+        "~0.99 of fp32 (see benchmarks/README.md)",
+    )
     sub.add_argument("--json", action="store_true", help="print a JSON summary")
     cluster = sub.add_mutually_exclusive_group()
     cluster.add_argument(
@@ -142,13 +150,15 @@ def default_store_path():
     return cache_dir() / "features.h5"
 
 
-def make_extractor(args, modality: str) -> Extractor:
+def make_extractor(args, modality: str, calibration=None) -> Extractor:
     backbone = get_backbone(args.backbone or DEFAULT_BACKBONE[modality])
     if backbone.modality != modality:
         raise ValueError(
             f"backbone {backbone.name!r} takes {backbone.modality} inputs but the "
             f"data holds {modality}s; choose a {modality} backbone"
         )
+    if getattr(args, "precision", "fp32") == "int8":
+        backbone = backbone.quantized(calibration)
     return Extractor(
         backbone,
         store=args.store or default_store_path(),
@@ -196,7 +206,7 @@ def run_backbones(args) -> int:
 @command("extract")
 def run_extract(args) -> int:
     dataset = read_data(args)
-    extractor = make_extractor(args, dataset.modality)
+    extractor = make_extractor(args, dataset.modality, dataset.items)
     if args.scheduler is not None or args.workers is not None:
         with dask_client(args.scheduler, workers=args.workers) as client:
             result = extract_distributed(
