@@ -41,7 +41,6 @@ from ._extract import (
     ExtractionSummary,
     Extractor,
     _name,
-    _sort_by_length,
 )
 from ._preprocess import InputError, read_input_bytes
 
@@ -206,8 +205,7 @@ def extract_distributed(
             if key is not None and key not in first:
                 first[key] = (item, source)
         work = [(key, *first[key]) for key in todo]
-        if extractor.backbone.modality == "text":
-            work = _sort_by_length(work, window=extractor.batch_size * 64)
+        work = extractor._ordered(work)  # texts by token count, for padding
         partitions = [
             work[at : at + partition_size] for at in range(0, len(work), partition_size)
         ]
