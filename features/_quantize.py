@@ -241,7 +241,11 @@ def _quantize(
         prepared = Path(work) / "prepared.onnx"
         # Shape inference and graph fusions first, as ONNX Runtime advises:
         # quantizing unfused operators loses accuracy and speed.
-        quantization.quant_pre_process(str(source), str(prepared))
+        # Symbolic shape inference stops at the attention reshapes of the text
+        # graphs; ONNX's own shape inference and the fusions still run.
+        quantization.quant_pre_process(
+            str(source), str(prepared), skip_symbolic_shape=backbone.modality == "text"
+        )
         output = Path(work) / "quantized.onnx"
         if config.method == "static":
             quantization.quantize_static(
