@@ -668,6 +668,9 @@ class _ImageData:
             self.eval_pixels[index] = value
             self.train_pixels.pop(index, None)
 
+    def batches(self, order: np.ndarray, size: int, rng) -> list[np.ndarray]:
+        return [order[i : i + size] for i in range(0, len(order), size)]
+
     def train_inputs(self, torch, indices: np.ndarray) -> tuple:
         if not self.augment:
             return self.eval_inputs(torch, indices)
@@ -731,6 +734,21 @@ class _TextData:
 
     def use_for_validation(self, indices: np.ndarray) -> None:
         return None
+
+    def batches(self, order: np.ndarray, size: int, rng) -> list[np.ndarray]:
+        """Batches of texts of similar length, in random order.
+
+        Each window of ``32 * size`` shuffled texts is sorted by length and
+        cut into batches, so a batch pads to little more than its texts.
+        """
+        out = []
+        window = 32 * size
+        for start in range(0, len(order), window):
+            chunk = order[start : start + window]
+            lengths = np.array([len(self.items[int(i)]) for i in chunk])
+            chunk = chunk[np.argsort(lengths, kind="stable")]
+            out.extend(chunk[i : i + size] for i in range(0, len(chunk), size))
+        return [out[i] for i in rng.permutation(len(out))]
 
     def train_inputs(self, torch, indices: np.ndarray) -> tuple:
         return self.eval_inputs(torch, indices)
@@ -849,11 +867,9 @@ class _Trainer:
         start = time.perf_counter()
         seed = _epoch_seed(params.random_state, epoch)
         torch.manual_seed(seed)
-        order = np.random.default_rng(seed).permutation(train)
-        batches = [
-            order[i : i + params.batch_size]
-            for i in range(0, len(order), params.batch_size)
-        ][:steps]
+        rng = np.random.default_rng(seed)
+        batches = self.data.batches(rng.permutation(train), params.batch_size, rng)
+        batches = batches[:steps]
         self._train_mode()
         total, seen = 0.0, 0
         bar = _bar(len(batches), f"epoch {epoch + 1}/{params.epochs}", params.progress)
