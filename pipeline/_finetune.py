@@ -160,6 +160,9 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
     history_ : list of dict
         One record per epoch: ``epoch``, ``train_loss``, ``val_loss``,
         ``val_accuracy``, ``seconds``, ``samples_per_second``, ``lr``.
+    learning_rates_ : dict
+        Peak learning rate of each optimiser group: ``head`` and, unless
+        every pretrained layer is frozen, ``backbone``.
     best_epoch_ : int
         The epoch (1-based) whose weights were kept.
     skipped_ : list of dict
@@ -271,6 +274,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
             trainer = _Trainer(self, torch, network, frozen, data, targets)
             trainer.run(train, val, self._signature(items, targets))
         self.network_ = network.eval()
+        self.learning_rates_ = trainer.learning_rates
         self.history_ = trainer.history
         self.best_epoch_ = trainer.best_epoch
         self._base = base
@@ -807,6 +811,9 @@ class _Trainer:
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, schedule)
+        self.learning_rates = {
+            g["name"]: g["initial_lr"] for g in optimiser.param_groups
+        }
         return optimiser, scheduler
 
     def _train_mode(self) -> None:
