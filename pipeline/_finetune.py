@@ -484,7 +484,7 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         self._check_fitted()
         preprocessor = self._base.preprocessor
         if isinstance(preprocessor, ImagePreprocessor):
-            return replace(preprocessor, size=self._image_size(self._base))
+            return _resized(preprocessor, self._image_size(self._base))
         return preprocessor
 
     def head(self) -> LogisticRegression:
@@ -598,7 +598,15 @@ class _torch_threads:
 def _make_data(base: Backbone, image_size: int, augment: bool):
     if base.modality == "text":
         return _TextData(base.preprocessor)
-    return _ImageData(replace(base.preprocessor, size=image_size), augment)
+    return _ImageData(_resized(base.preprocessor, image_size), augment)
+
+
+def _resized(preprocessor: ImagePreprocessor, size: int) -> ImagePreprocessor:
+    """The preprocessor at another input size, cropping the same fraction."""
+    if size == preprocessor.size:
+        return preprocessor
+    padding = round(preprocessor.crop_padding * size / preprocessor.size)
+    return replace(preprocessor, size=size, crop_padding=padding)
 
 
 def _describe(item: Any) -> str:
@@ -1004,3 +1012,178 @@ def _bar(total: int, description: str, progress: bool | None):
 
     show = progress if progress is not None else sys.stderr.isatty()
     return tqdm(total=total, desc=description, unit="batch", disable=not show)
+
+
+# ---------------------------------------------------------------- MODEL_DIR
+
+
+def save_finetuned(
+    model: FineTunedClassifier,
+    path: str | os.PathLike,
+    *,
+    training: dict | None = None,
+    cv_scores: Sequence[float] | None = None,
+) -> tuple[Path, dict]:
+    """Write a trained :class:`FineTunedClassifier` as a MODEL_DIR.
+
+    The bottleneck is exported to ONNX and verified against PyTorch; the
+    folder then holds that graph as its backbone and the trained linear
+    layer as a logistic-regression head, so ``bneck predict`` and
+    ``bneck evaluate`` read it like any other model.
+
+    Returns
+    -------
+    path : Path
+    report : dict
+        The export's verification report.
+    """
+    import tempfile
+
+    from sklearn.pipeline import Pipeline
+
+    from ._model_dir import save_model
+
+    model._check_fitted()
+    with tempfile.TemporaryDirectory(prefix="bneck-export-") as folder:
+        backbone, report = model.export_backbone(folder)
+        head = Pipeline([("logreg", model.head())])
+        best = model.history_[model.best_epoch_ - 1] if model.history_ else {}
+        record = {
+            **(training or {}),
+            "strategy": model.strategy,
+            "base_backbone": model._base.name,
+            "params": {
+                key: value
+                for key, value in model.get_params().items()
+                if key not in _RUN_ONLY
+            },
+            "learning_rates": model.learning_rates_,
+            "best_epoch": model.best_epoch_,
+            "holdout_accuracy": best.get("val_accuracy"),
+            "history": model.history_,
+            "skipped": len(model.skipped_),
+            "export": report,
+        }
+        scores = [round(float(score), 4) for score in cv_scores or []]
+        cv = {
+            "folds": len(scores),
+            "metric": "accuracy",
+            "scores": scores,
+            "mean": round(float(np.mean(scores)), 4) if scores else None,
+            "std": round(float(np.std(scores)), 4) if scores else None,
+        }
+        saved = save_model(
+            path, backbone, head, training=_json_safe(record), cv=cv, head_kind="logreg"
+        )
+    return saved, report
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {str(key): _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def train_command(args, dataset, strategy: str) -> int:
+    """``bneck train --strategy finetune|scratch``: fit, export, save."""
+    from ._validation import check_training_labels, report_skipped
+
+    labels = np.asarray(dataset.labels, dtype=object)
+    check_training_labels(list(labels), args.cv)
+    backbone = args.backbone or _DEFAULT_BACKBONE[dataset.modality]
+    checkpoints = Path(args.out).with_name(Path(args.out).name + ".checkpoint")
+    echo = not args.json
+
+    def log_epoch(record: dict) -> None:
+        if echo:
+            print(
+                f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}, "
+                f"val loss {record['val_loss']:.4f}, val accuracy "
+                f"{record['val_accuracy']:.4f} ({record['seconds']:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    params = {
+        "strategy": strategy,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "num_threads": args.threads,
+        "progress": False if args.no_progress else None,
+    }
+    for name in ("image_size", "frozen_blocks", "lr"):
+        if getattr(args, name, None) is not None:
+            params[name] = getattr(args, name)
+    model = FineTunedClassifier(backbone, **params)
+    start = time.perf_counter()
+    cv_scores = None
+    if args.cv and args.cv >= 2:
+        cv_scores = cross_validate_finetune(model, dataset.items, labels, args.cv)
+    model.set_params(checkpoint_dir=checkpoints, on_epoch_end=log_epoch)
+    model.fit(dataset.items, labels)
+    fit_seconds = time.perf_counter() - start
+    classes, counts = np.unique(labels.astype(str), return_counts=True)
+    training = {
+        "data": str(args.data),
+        "modality": dataset.modality,
+        "n_samples": int(len(labels)),
+        "class_counts": {str(c): int(n) for c, n in zip(classes, counts, strict=True)},
+        "fit_seconds": round(fit_seconds, 1),
+    }
+    path, report = save_finetuned(
+        model, args.out, training=training, cv_scores=cv_scores
+    )
+    import shutil
+
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    failures = dataset.skipped + model.skipped_
+    best = model.history_[model.best_epoch_ - 1]
+    out = {
+        "strategy": strategy,
+        "n_samples": training["n_samples"],
+        "classes": [str(c) for c in classes],
+        "class_counts": training["class_counts"],
+        "backbone": load_backbone_name(path),
+        "base_backbone": backbone,
+        "epochs_run": len(model.history_),
+        "best_epoch": model.best_epoch_,
+        "holdout_accuracy": _json_safe(best["val_accuracy"]),
+        "cv_scores": cv_scores or [],
+        "cv_score": float(np.mean(cv_scores)) if cv_scores else None,
+        "export_max_abs_diff": report["max_abs_diff"],
+        "fit_seconds": training["fit_seconds"],
+        "model_dir": str(path),
+        "failed": len(failures),
+        "failures": failures,
+    }
+    if args.json:
+        print(json.dumps(out))
+    else:
+        cv_text = (
+            f"; {args.cv}-fold CV accuracy {out['cv_score']:.4f}" if cv_scores else ""
+        )
+        holdout = out["holdout_accuracy"]
+        holdout_text = "" if holdout is None else f", hold-out accuracy {holdout:.4f}"
+        print(
+            f"{strategy} {backbone} on {out['n_samples']} samples of {len(classes)} "
+            f"classes: best epoch {out['best_epoch']} of {out['epochs_run']}"
+            f"{holdout_text}{cv_text}; {out['fit_seconds']:.0f} s; exported as "
+            f"{out['backbone']} (verified, max abs diff "
+            f"{report['max_abs_diff']:.1e}); model {path}"
+        )
+    return report_skipped("train", failures, args.out, allow_skipped=args.allow_skipped)
+
+
+_DEFAULT_BACKBONE = {"image": "efficientnet_lite0", "text": "minilm_l6"}
+
+
+def load_backbone_name(path: Path) -> str:
+    return json.loads((Path(path) / "model.json").read_text())["backbone"]["name"]
