@@ -40,6 +40,22 @@ def two_workers(client):
     return client
 
 
+@pytest.fixture(scope="module")
+def dask_extracted(client, ants_bees_train, tmp_path_factory):
+    """The ants/bees training images extracted once on the cluster."""
+    client.wait_for_workers(2, timeout=60)
+    store = tmp_path_factory.mktemp("dask") / "train.h5"
+    extractor = Extractor("efficientnet_lite0", store, progress=False)
+    result = extract_distributed(
+        extractor,
+        ants_bees_train.items,
+        client,
+        ants_bees_train.sources,
+        partition_size=32,
+    )
+    return extractor, result
+
+
 def shard_rows(store: FeatureStore, fingerprint: str) -> list[str]:
     """Every key of every shard file, repeats included."""
     keys = []
@@ -58,19 +74,9 @@ def assert_same_rows(store, reference, keys):
     assert np.abs(ours - theirs).max() <= TOLERANCE
 
 
-def test_dask_extract_matches_single_process(
-    two_workers, ants_bees_train, ants_bees_train_extracted, tmp_path
-):
+def test_dask_extract_matches_single_process(dask_extracted, ants_bees_train_extracted):
     reference, expected = ants_bees_train_extracted
-    extractor = Extractor("efficientnet_lite0", tmp_path / "f.h5", progress=False)
-
-    result = extract_distributed(
-        extractor,
-        ants_bees_train.items,
-        two_workers,
-        ants_bees_train.sources,
-        partition_size=32,
-    )
+    extractor, result = dask_extracted
 
     assert result.keys == expected.keys
     distinct = {key for key in expected.keys if key}
@@ -297,3 +303,4 @@ def test_dask_client_needs_one_target():
     with pytest.raises(ClusterError, match="cannot reach the Dask scheduler"):
         with dask_client("tcp://127.0.0.1:9", timeout=1):
             pass
+
