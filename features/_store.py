@@ -97,6 +97,7 @@ class FeatureStore:
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self.lock_timeout = lock_timeout
         self._file_cache: dict[tuple, dict] = {}
+        self._dims: dict[str, int] = {}
         if self.path.exists():
             self._check_file(self.path)
 
@@ -231,18 +232,27 @@ class FeatureStore:
             raise ValueError(f"{len(keys)} keys for {len(features)} feature rows")
         if not len(keys) and not failures:
             return None
-        known = self._index(fingerprint).meta
-        if known and features.size and known["feature_dim"] != features.shape[1]:
-            raise StoreError(
-                f"namespace {fingerprint[:16]} of {self.path} holds "
-                f"{known['feature_dim']}-d features, got {features.shape[1]}-d"
-            )
+        if features.size:
+            self._check_dim(fingerprint, features.shape[1])
         self.shard_dir.mkdir(parents=True, exist_ok=True)
         name = f"{fingerprint[:16]}-{time.time_ns()}-{uuid.uuid4().hex[:8]}.h5"
         namespace = {fingerprint: (list(keys), features, list(failures), meta)}
         path = _write_atomically(self.shard_dir / name, namespace, computed=True)
         logger.debug("committed %d rows to %s", len(keys), path)
         return path
+
+    def _check_dim(self, fingerprint: str, dim: int) -> None:
+        known = self._dims.get(fingerprint)
+        if known is None:
+            # Index once per namespace, not on every commit: a long run's
+            # commits would otherwise slow down with its number of shards.
+            known = int(self._index(fingerprint).meta.get("feature_dim", dim))
+            self._dims[fingerprint] = known
+        if known != dim:
+            raise StoreError(
+                f"namespace {fingerprint[:16]} of {self.path} holds "
+                f"{known}-d features, got {dim}-d"
+            )
 
     def compact(self) -> None:
         """Merge all shards into the main file (under the writer lock)."""
