@@ -126,19 +126,23 @@ def dask_client(
         return
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers={workers!r}; expected a positive int")
-    cluster = distributed.LocalCluster(
-        n_workers=workers,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=":0",  # any free port: never clash with another
-        silence_logs=logging.ERROR,
-    )
-    client = distributed.Client(cluster)
+    # The scheduler of a local cluster runs in this process and logs its
+    # routine (workers joining, closing) at INFO: keep that out of our output.
+    cluster_logger = logging.getLogger("distributed")
+    level = cluster_logger.level
+    cluster_logger.setLevel(max(level, logging.WARNING))
     try:
-        yield client
+        with distributed.LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",  # any free port: never clash with another
+            silence_logs=logging.ERROR,
+        ) as cluster:
+            with distributed.Client(cluster) as client:
+                yield client
     finally:
-        client.close()
-        cluster.close()
+        cluster_logger.setLevel(level)
 
 
 def extract_distributed(
