@@ -150,11 +150,9 @@ def test_dask_extract_survives_a_killed_worker(
     while not list(extractor.store.shard_dir.glob("[!.]*.h5")):
         assert thread.is_alive() and time.monotonic() < deadline
         time.sleep(0.02)
-    busy = [
-        address
-        for address, keys in two_workers.processing().items()
-        if any(str(key).startswith(TASK_PREFIX) for key in keys)
-    ]
+    while not (busy := _busy_workers(two_workers)):
+        assert thread.is_alive() and time.monotonic() < deadline
+        time.sleep(0.02)
     committed_at_kill = len(list(extractor.store.shard_dir.glob("[!.]*.h5")))
     os.kill(pids[busy[0]], signal.SIGKILL)
     thread.join(timeout=180)
@@ -169,6 +167,15 @@ def test_dask_extract_survives_a_killed_worker(
     rows = shard_rows(extractor.store, extractor.fingerprint)
     assert len(rows) == len(set(rows)) == len(distinct)
     assert_same_rows(extractor.store, reference, sorted(distinct))
+
+
+def _busy_workers(client) -> list[str]:
+    """Addresses of the workers running an extraction task right now."""
+    return [
+        address
+        for address, keys in client.processing().items()
+        if any(str(key).startswith(TASK_PREFIX) for key in keys)
+    ]
 
 
 def test_dask_extract_reports_inputs_a_worker_cannot_read(
