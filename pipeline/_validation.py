@@ -15,6 +15,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ __all__ = [
     "EXIT_SKIPPED",
     "TrainingDataError",
     "check_training_labels",
+    "interrupts_in_finalizers",
     "report_skipped",
     "skipped_list_path",
     "write_skipped",
@@ -165,3 +167,32 @@ def report_skipped(
         file=sys.stderr,
     )
     return EXIT_SKIPPED
+
+
+@contextmanager
+def interrupts_in_finalizers():
+    """Turn a Ctrl-C that lands in a finalizer into a clean interruption.
+
+    Python cannot raise an exception out of a garbage-collection callback or
+    a ``__del__``: a KeyboardInterrupt that arrives while one runs is printed
+    as an "Exception ignored" traceback and the run goes on. Inside this
+    block such an interrupt is recorded silently instead, and raised again as
+    a KeyboardInterrupt when the block ends, so the command still stops with
+    its one-line message.
+    """
+    caught = []
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            caught.append(unraisable.exc_value)
+        else:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+    if caught:
+        raise KeyboardInterrupt

@@ -23,7 +23,12 @@ from features import (
     load_dataset,
 )
 
-from ._validation import EXIT_SKIPPED, report_skipped, skipped_list_path
+from ._validation import (
+    EXIT_SKIPPED,
+    interrupts_in_finalizers,
+    report_skipped,
+    skipped_list_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -265,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
     try:
-        return _COMMANDS[args.command](args)
+        with interrupts_in_finalizers():
+            return _COMMANDS[args.command](args)
     except USER_ERRORS as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         print(f"bneck {args.command}: error: {message}", file=sys.stderr)
