@@ -137,6 +137,8 @@ def run(name: str, args, work: Path) -> dict:
     params = {}
     if args.image_size and backbone == "efficientnet_lite0":
         params["image_size"] = args.image_size
+    if args.frozen_blocks is not None:
+        params["frozen_blocks"] = args.frozen_blocks
     if args.max_steps:
         params["max_steps_per_epoch"] = args.max_steps
     if args.limit:
@@ -187,6 +189,7 @@ def main(argv=None) -> int:
     parser.add_argument("--only", choices=("clothing", "sms"), action="append")
     parser.add_argument("--epochs", type=int, help="default: 10 clothing, 3 sms")
     parser.add_argument("--image-size", type=int)
+    parser.add_argument("--frozen-blocks", type=int, help="default: half")
     parser.add_argument("--max-steps", type=int, help="steps per epoch (trials)")
     parser.add_argument("--limit", type=int, help="first N of each split (trials)")
     parser.add_argument("--work", help="folder for the store and checkpoints")

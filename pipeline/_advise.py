@@ -409,3 +409,32 @@ def format_advice(report: dict, data: str = "DATA") -> str:
 def _score(report: dict, key: str) -> str:
     mean, std = report[f"{key}_cv_accuracy"], report[f"{key}_cv_std"]
     return f"{mean:.3f} ± {std:.3f}"
+
+
+def advise_command(args) -> int:
+    """``bneck advise DATA [--val DATA] [--json]``."""
+    import json
+
+    def read(path):
+        return load_dataset(
+            path,
+            path_column=args.path_column,
+            text_column=args.text_column,
+            label_column=args.label_column,
+            columns=args.columns,
+        )
+
+    report = advise(
+        read(args.data),
+        val=read(args.val) if args.val else None,
+        backbone=args.backbone,
+        threshold=args.threshold,
+        cv=args.cv,
+        store=args.store,
+        progress=False if args.no_progress else None,
+    )
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(format_advice(report, str(args.data)))
+    return 0

@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -454,7 +455,13 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         body = copy.deepcopy(self.network_.body).eval()
         body = body.to(memory_format=torch.contiguous_format)
         path = directory / "backbone.onnx"
-        export_onnx(body, preprocessor.sample_inputs(2), path, self._base.dynamic_axes)
+        with warnings.catch_warnings():
+            # The TorchScript exporter's notes on constant folding and
+            # advanced indexing concern opsets and indices this graph does
+            # not use; verify_onnx below checks the result numerically.
+            warnings.simplefilter("ignore", UserWarning)
+            sample = preprocessor.sample_inputs(2)
+            export_onnx(body, sample, path, self._base.dynamic_axes)
         try:
             report = verify_onnx(body, path, preprocessor.sample_inputs(3, seed=1))
         except Exception:

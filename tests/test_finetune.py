@@ -7,6 +7,9 @@ full-size comparisons live in benchmarks/bench_finetune.py.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -156,6 +159,7 @@ def test_exported_backbone_matches_pytorch(fitted, few_images, tmp_path):
     assert (tmp_path / "backbone.json").is_file()
     assert backbone.name.startswith("efficientnet_lite0-finetuned-")
     assert backbone.preprocessor.size == 32
+    assert backbone.preprocessor.crop_padding == 5  # the same crop as 32 of 224
     assert backbone.fingerprint() != get_backbone("efficientnet_lite0").fingerprint()
     features = Extractor(backbone).extract_features(X)
     through_onnx = fitted.head().predict_proba(features)
@@ -271,3 +275,33 @@ def test_text_finetuning_predicts_and_exports(sms_file, tmp_path):
     np.testing.assert_allclose(
         model.head().predict_proba(features), model.predict_proba(X), atol=1e-4
     )
+
+
+def test_cli_train_finetune_writes_a_model_predict_reads(few_images, tmp_path):
+    from pipeline.cli import main
+
+    X, y = few_images
+    data = tmp_path / "data"
+    for path, label in zip(X, y, strict=True):
+        (data / label).mkdir(parents=True, exist_ok=True)
+        (data / label / Path(path).name).symlink_to(path)
+    model_dir, store = tmp_path / "model", tmp_path / "store.h5"
+    code = main(
+        ["train", str(data), "--strategy", "auto", "--threshold", "8",
+         "--epochs", "1", "--image-size", "32", "--batch-size", "4",
+         "--out", str(model_dir), "--store", str(store), "--json",
+         "--no-progress"]
+    )  # fmt: skip
+    assert code == 0
+    info = json.loads((model_dir / "model.json").read_text())
+    assert info["training"]["strategy"] == "finetune"
+    assert info["backbone"]["name"].startswith("efficientnet_lite0-finetuned-")
+    assert info["training"]["export"]["max_abs_diff"] < 1e-3
+    assert not (tmp_path / "model.checkpoint").exists()
+    out = tmp_path / "predictions.csv"
+    code = main(
+        ["predict", str(model_dir), str(data), "--store", str(store),
+         "--out", str(out), "--no-progress"]
+    )  # fmt: skip
+    assert code == 0
+    assert len(out.read_text().splitlines()) == 1 + len(X)
