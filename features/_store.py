@@ -136,6 +136,9 @@ class FeatureStore:
 
     def fingerprints(self) -> list[str]:
         """Namespaces present in the store."""
+        return self._retrying(self._scan_fingerprints)
+
+    def _scan_fingerprints(self) -> list[str]:
         names: set[str] = set()
         for path in self._files():
             names.update(self._read_file(path))
@@ -156,12 +159,15 @@ class FeatureStore:
 
     def get(self, fingerprint: str, keys: Sequence[str]) -> np.ndarray:
         """Rows for ``keys``, in the order given (repeats allowed)."""
-        for attempt in range(3):
+        return self._retrying(self._get, fingerprint, keys)
+
+    def _retrying(self, read, *args):
+        """Run ``read`` again when a compaction moved files under it."""
+        for attempt in range(5):
             try:
-                return self._get(fingerprint, keys)
+                return read(*args)
             except FileNotFoundError:
                 # A compaction replaced the files we indexed; index again.
-                self._file_cache.clear()
                 time.sleep(0.05 * (attempt + 1))
         raise StoreBusyError(
             f"the store {self.path} kept changing while being read (a compaction "
@@ -190,7 +196,13 @@ class FeatureStore:
             positions = np.array([position for _, position in pairs])
             unique, inverse = np.unique(rows, return_inverse=True)
             with h5py.File(path, "r") as handle:
-                block = handle[fingerprint]["features"][unique]
+                group = handle[fingerprint]
+                block = group["features"][unique]
+                found = group["keys"][unique]
+            wanted = np.array([keys[p] for p in positions], dtype=_KEY_DTYPE)
+            if not np.array_equal(found[inverse], wanted):
+                # The file was replaced since it was indexed: index again.
+                raise FileNotFoundError(f"{path} changed while being read")
             out[positions] = block[inverse]
         return out
 
@@ -304,6 +316,9 @@ class FeatureStore:
         return main + self._shards()
 
     def _index(self, fingerprint: str) -> _Rows:
+        return self._retrying(self._scan, fingerprint)
+
+    def _scan(self, fingerprint: str) -> _Rows:
         index = _Rows()
         for path in self._files():
             if path.parent == self.shard_dir and not path.name.startswith(
@@ -327,17 +342,16 @@ class FeatureStore:
         """Keys, failures and metadata of each namespace in one file (cached)."""
         import h5py
 
-        try:
-            stat = path.stat()
-        except FileNotFoundError:
-            return {}
+        # A listed file that vanished was absorbed by a compaction in another
+        # process: FileNotFoundError makes the caller list the files again.
+        stat = path.stat()
         cache_key = (str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
         if cache_key not in self._file_cache:
             content = {}
             try:
                 handle = h5py.File(path, "r")
             except FileNotFoundError:
-                return {}
+                raise
             except OSError as exc:
                 raise StoreError(f"{path} is not a readable HDF5 file: {exc}") from None
             with handle:
