@@ -8,6 +8,8 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 from features import (
     ClusterError,
     ExportMismatchError,
@@ -148,7 +150,46 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="run on a local Dask cluster of N worker processes (needs bneck[dask])",
     )
+    add_model_parsers(commands)
+    add_strategy_arguments(commands)
     return parser
+
+
+def add_strategy_arguments(commands) -> None:
+    """``bneck advise`` and the strategy options of ``bneck train``."""
+    from ._strategy import DEFAULT_THRESHOLD, STRATEGIES
+
+    sub = commands.add_parser(
+        "advise", help="recommend bottleneck, fine-tuning or from-scratch training"
+    )
+    add_data_arguments(sub)
+    add_extraction_arguments(sub)
+    sub.add_argument("--val", help="validation DATA, checked for shared inputs")
+    sub.add_argument("--cv", type=int, default=5, help="cross-validation folds")
+    sub.add_argument("--threshold", type=int, default=DEFAULT_THRESHOLD)
+    sub.add_argument("--json", action="store_true", help="print one JSON object")
+
+    train = commands.choices["train"]
+    train.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        default="auto",
+        help="auto: bottleneck below --threshold labelled samples, finetune from it",
+    )
+    train.add_argument(
+        "--threshold",
+        type=int,
+        default=DEFAULT_THRESHOLD,
+        help=f"samples from which auto fine-tunes (default {DEFAULT_THRESHOLD})",
+    )
+    train.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs")
+    train.add_argument(
+        "--image-size", type=int, help="fine-tuning input side, a multiple of 32"
+    )
+    train.add_argument(
+        "--frozen-blocks", type=int, help="blocks kept frozen (default: half)"
+    )
+    train.add_argument("--lr", type=float, help="learning rate of the new head")
 
 
 def default_store_path():
@@ -254,6 +295,290 @@ def print_summary(out: dict) -> None:
         print(f"  failed: {failure['source']}: {failure['reason']}")
     if len(out["failures"]) > 20:
         print(f"  ... and {len(out['failures']) - 20} more (see --json)")
+
+
+# ------------------------------------------------------------ train, predict,
+# evaluate, demo: heads on bottleneck features and the MODEL_DIR they write.
+
+
+def add_model_parsers(commands) -> None:
+    from ._heads import HEADS
+
+    sub = commands.add_parser(
+        "train", help="fit a classifier head on bottleneck features"
+    )
+    add_data_arguments(sub)
+    add_extraction_arguments(sub)
+    sub.add_argument("--out", required=True, metavar="MODEL_DIR", help="model folder")
+    sub.add_argument("--classifier", choices=HEADS, default="svm")
+    sub.add_argument(
+        "--cv",
+        type=int,
+        help="cross-validation folds (0: none; default 5 for a head on bottleneck "
+        "features, none when fine-tuning: each fold is a training)",
+    )
+    sub.add_argument(
+        "--search", action="store_true", help="choose C by a cross-validated search"
+    )
+    sub.add_argument(
+        "--class-weight",
+        choices=("none", "balanced"),
+        default="none",
+        help="balanced: weight classes inversely to their frequency",
+    )
+    sub.add_argument("--json", action="store_true", help="print a JSON summary")
+
+    for name, text in [
+        ("predict", "predict labels of DATA with a trained model"),
+        ("evaluate", "score a trained model on labelled DATA"),
+    ]:
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("model_dir", metavar="MODEL_DIR")
+        add_data_arguments(sub)
+        add_extraction_arguments(sub)
+        sub.add_argument("--json", action="store_true", help="print a JSON summary")
+    commands.choices["predict"].add_argument(
+        "--out", required=True, help="CSV file: one row per input"
+    )
+    commands.choices["evaluate"].add_argument(
+        "--report", metavar="DIR", help="write scores, plots and tables into DIR"
+    )
+
+    sub = commands.add_parser(
+        "demo", help="train and evaluate on scikit-learn's bundled digits"
+    )
+    sub.add_argument(
+        "--workdir", help="folder for the images, store and model (default: cache)"
+    )
+    sub.add_argument("--size", type=int, default=32, help="side of the digit images")
+    sub.add_argument("--json", action="store_true", help="print a JSON summary")
+
+
+def model_extractor(args, backbone) -> Extractor:
+    """An extractor of a trained model's backbone with the CLI's settings."""
+    return Extractor(
+        backbone,
+        store=args.store or default_store_path(),
+        batch_size=args.batch_size,
+        num_threads=args.threads,
+        commit_every=args.commit_every,
+        on_error=args.on_error,
+        progress=False if args.no_progress else None,
+    )
+
+
+def extract_usable(extractor, dataset):
+    """Extract DATA; return its usable rows' features, their mask, failures."""
+    result = extractor.extract(dataset.items, dataset.sources)
+    extractor.store.compact()
+    keys = [key for key in result.keys if key is not None]
+    features = extractor.features(keys)
+    failures = dataset.skipped + result.summary.failures
+    return features, result.ok, result.summary, failures
+
+
+@command("advise")
+def run_advise(args) -> int:
+    from ._advise import advise_command
+
+    return advise_command(args)
+
+
+@command("train")
+def run_train(args) -> int:
+    from ._heads import fit_head
+    from ._model_dir import save_model
+    from ._strategy import choose_strategy
+    from ._validation import check_training_labels
+
+    dataset = read_data(args)
+    check_training_labels(
+        [] if dataset.labels is None else list(dataset.labels), args.cv
+    )
+    strategy = choose_strategy(len(dataset), args.threshold, args.strategy)
+    if strategy != "bottleneck":
+        from ._finetune import train_command
+
+        return train_command(args, dataset, strategy)
+    args.cv = 5 if args.cv is None else args.cv
+    extractor = make_extractor(args, dataset.modality)
+    features, ok, summary, failures = extract_usable(extractor, dataset)
+    labels = dataset.labels[ok]
+    check_training_labels(list(labels), args.cv)
+    class_weight = None if args.class_weight == "none" else args.class_weight
+    fitted = fit_head(
+        features,
+        labels,
+        args.classifier,
+        cv=args.cv,
+        search=args.search,
+        class_weight=class_weight,
+    )
+    classes, counts = np.unique(labels, return_counts=True)
+    training = {
+        "data": str(args.data),
+        "modality": dataset.modality,
+        "n_samples": int(len(labels)),
+        "class_counts": {str(c): int(n) for c, n in zip(classes, counts, strict=True)},
+        "skipped": len(failures),
+    }
+    cv = {
+        "folds": fitted.cv_folds,
+        "metric": "accuracy",
+        "scores": [round(score, 4) for score in fitted.cv_scores],
+        "mean": None if fitted.cv_score is None else round(fitted.cv_score, 4),
+        "std": round(float(np.std(fitted.cv_scores)), 4) if fitted.cv_scores else None,
+    }
+    save_model(
+        args.out,
+        extractor.backbone,
+        fitted.estimator,
+        training=training,
+        cv=cv,
+        search=fitted.search,
+        head_kind=args.classifier,
+        best_params=fitted.best_params,
+    )
+    out = {
+        "n_samples": training["n_samples"],
+        "classes": [str(c) for c in classes],
+        "class_counts": training["class_counts"],
+        "computed": summary.computed,
+        "cached": summary.cached,
+        "cv_score": cv["mean"],
+        "cv_scores": cv["scores"],
+        "cv_folds": cv["folds"],
+        "classifier": args.classifier,
+        "best_params": fitted.best_params,
+        "search": fitted.search,
+        "backbone": extractor.backbone.name,
+        "fingerprint": extractor.fingerprint,
+        "model_dir": str(args.out),
+        "extract_seconds": round(summary.seconds, 3),
+        "fit_seconds": round(fitted.seconds, 3),
+        "failed": len(failures),
+        "failures": failures,
+    }
+    if args.json:
+        print(json.dumps(out))
+    else:
+        score = (
+            ""
+            if out["cv_score"] is None
+            else (
+                f"; {cv['folds']}-fold CV accuracy {cv['mean']:.4f} +- {cv['std']:.4f}"
+            )
+        )
+        chosen = f" (search chose C={fitted.best_params['C']:g})" if args.search else ""
+        print(
+            f"trained {args.classifier} on {out['n_samples']} samples of "
+            f"{len(classes)} classes with {out['backbone']} ({summary.computed} "
+            f"computed, {summary.cached} from the store){chosen}{score}; "
+            f"model {args.out}"
+        )
+    return report_skipped("train", failures, args.out, allow_skipped=args.allow_skipped)
+
+
+def load_for(args):
+    """The model of MODEL_DIR, DATA, and its usable features."""
+    from ._model_dir import load_model
+
+    model = load_model(args.model_dir, backbone=args.backbone)
+    dataset = read_data(args)
+    if dataset.modality != model.backbone.modality:
+        raise ValueError(
+            f"the model in {args.model_dir} takes {model.backbone.modality} inputs "
+            f"but {args.data} holds {dataset.modality}s"
+        )
+    extractor = model_extractor(args, model.backbone)
+    features, ok, summary, failures = extract_usable(extractor, dataset)
+    return model, dataset, features, ok, failures
+
+
+@command("predict")
+def run_predict(args) -> int:
+    import csv
+
+    model, dataset, features, ok, failures = load_for(args)
+    classes = [str(label) for label in model.classes_]
+    proba = model.head.predict_proba(features) if len(features) else np.empty((0, 0))
+    predicted = model.head.predict(features) if len(features) else []
+    reasons = {failure["source"]: failure["reason"] for failure in failures}
+    rows = iter(zip(predicted, proba, strict=True))
+    with open(args.out, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["source", "predicted", *[f"p_{c}" for c in classes], "error"])
+        for source, usable in zip(dataset.sources, ok, strict=True):
+            if usable:
+                label, row = next(rows)
+                writer.writerow([source, label, *[f"{p:.6f}" for p in row], ""])
+            else:
+                writer.writerow([source, "", *[""] * len(classes), reasons[source]])
+        for skipped in dataset.skipped:
+            writer.writerow(
+                [skipped["source"], "", *[""] * len(classes), skipped["reason"]]
+            )
+    labels, counts = np.unique(np.asarray(predicted, dtype=str), return_counts=True)
+    out = {
+        "predicted": int(ok.sum()),
+        "counts": {str(c): int(n) for c, n in zip(labels, counts, strict=True)},
+        "out": str(args.out),
+        "failed": len(failures),
+        "failures": failures,
+    }
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(
+            f"predicted {out['predicted']} inputs "
+            + ", ".join(f"{c}: {n}" for c, n in out["counts"].items())
+            + f"; wrote {args.out}"
+        )
+    return report_skipped(
+        "predict", failures, args.out, allow_skipped=args.allow_skipped
+    )
+
+
+@command("evaluate")
+def run_evaluate(args) -> int:
+    from ._evaluate import classification_scores, format_scores, write_report
+
+    model, dataset, features, ok, failures = load_for(args)
+    if dataset.labels is None or any(label is None for label in dataset.labels):
+        raise ValueError(
+            f"{args.data} has no labels to evaluate against; use bneck predict"
+        )
+    if not ok.any():
+        raise InputError(f"no usable inputs in {args.data}")
+    scores = classification_scores(
+        dataset.labels[ok], model.head.predict(features), model.classes_
+    )
+    out = {**scores, "failed": len(failures), "failures": failures}
+    if args.report:
+        files = write_report(scores, args.report, model.info.get("search"))
+        out["report"] = [str(path) for path in files]
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(format_scores(scores))
+        if args.report:
+            print(f"\nreport: {args.report}")
+    return report_skipped(
+        "evaluate",
+        failures,
+        args.report or args.model_dir,
+        allow_skipped=args.allow_skipped,
+    )
+
+
+@command("demo")
+def run_demo(args) -> int:
+    from ._demo import run_demo as demo
+
+    out = demo(workdir=args.workdir, size=args.size, echo=not args.json)
+    if args.json:
+        print(json.dumps(out))
+    return 0
 
 
 def configure_logging(verbosity: int) -> None:
