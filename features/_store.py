@@ -161,6 +161,19 @@ class FeatureStore:
         """Rows for ``keys``, in the order given (repeats allowed)."""
         return self._retrying(self._get, fingerprint, keys)
 
+    def _no_namespace(self, fingerprint: str) -> str:
+        held = [
+            f"{self.metadata(other).get('backbone', '?')} ({other[:16]})"
+            for other in self.fingerprints()
+        ]
+        return (
+            f"the store {self.path} holds no features of the backbone with "
+            f"fingerprint {fingerprint[:16]}; it holds "
+            f"{', '.join(held) if held else 'none yet'}: another backbone (or "
+            "other weights or preprocessing) wrote it; extract with this "
+            "backbone first"
+        )
+
     def _retrying(self, read, *args):
         """Run ``read`` again when a compaction moved files under it."""
         for attempt in range(5):
@@ -179,6 +192,8 @@ class FeatureStore:
 
         index = self._index(fingerprint)
         absent = [key for key in keys if key not in index.location]
+        if absent and not index.meta:
+            raise KeyError(self._no_namespace(fingerprint))
         if absent:
             raise KeyError(
                 f"{len(absent)} of {len(keys)} keys have no features under "
