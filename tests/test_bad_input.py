@@ -545,3 +545,27 @@ def test_training_refuses_what_cannot_work(labels, cv, message):
 def test_training_accepts_small_but_workable_sets():
     check_training_labels(["ant", "bee"] * 5, cv=5)
     check_training_labels(["ant", "bee", "bee"], cv=None)  # no cross-validation
+
+
+@pytest.mark.parametrize(
+    "classes, message",
+    [
+        ({"ham": 6}, "a single class ('ham', 6 samples)"),
+        ({"ham": 6, "spam": 1}, "class 'spam' has 1 sample, fewer than the 5"),
+    ],
+)
+def test_cli_train_refuses_with_one_line(tmp_path, capsys, classes, message):
+    for label, count in classes.items():
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for number in range(count):
+            path = tmp_path / "data" / label / f"{number}.txt"
+            path.write_text(f"{label} message number {number}", encoding="utf-8")
+    code = main(
+        ["train", str(tmp_path / "data"), "--out", str(tmp_path / "model")]
+        + ["--store", str(tmp_path / "f.h5"), "--no-progress"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("bneck train: error: "), err
+    assert message in err[0]
+    assert not (tmp_path / "model").exists()
