@@ -311,3 +311,35 @@ def test_dask_client_needs_one_target():
         with dask_client("tcp://127.0.0.1:9", timeout=1):
             pass
 
+
+def test_grid_search_on_the_cluster_reads_the_store(
+    two_workers, ants_bees_train, dask_extracted
+):
+    from joblib import parallel_backend
+    from sklearn.model_selection import GridSearchCV
+
+    from pipeline import default_grid, make_classifier
+
+    extractor, result = dask_extracted
+    kept = result.ok
+    X = [item for item, ok in zip(ants_bees_train.items, kept, strict=True) if ok]
+    y = ants_bees_train.labels[kept]
+    model = make_classifier("efficientnet_lite0", "logreg", store=extractor.store.path)
+    [(name, values)] = default_grid(model).items()
+    grid = {name: values[2:4]}
+    computed = extractor.store.info()[extractor.fingerprint]["computed"]
+    shards = len(list(extractor.store.shard_dir.glob("*.h5")))
+
+    with distributed.get_task_stream(two_workers) as tasks:
+        with parallel_backend("dask"):
+            search = GridSearchCV(model, grid, cv=3).fit(X, y)
+    local = GridSearchCV(model, grid, cv=3).fit(X, y)
+
+    assert any("fit_and_score" in str(task["key"]) for task in tasks.data)
+    np.testing.assert_allclose(
+        search.cv_results_["mean_test_score"], local.cv_results_["mean_test_score"]
+    )
+    assert search.best_score_ > 0.85
+    # Every fit read its features from the store: nothing new was written.
+    assert extractor.store.info()[extractor.fingerprint]["computed"] == computed
+    assert len(list(extractor.store.shard_dir.glob("*.h5"))) == shards
