@@ -14,9 +14,10 @@ from PIL import Image
 from features import Extractor, ImagePreprocessor, get_backbone
 
 #: Draft decoding followed by the exact resize stays this close to decoding
-#: at full size, in normalised units ((pixel - 127) / 128, so 0.1 is about 13
-#: of 255 grey levels); measured: max 0.07, mean 0.004 on the data below.
-DRAFT_MAX_ABS = 0.1
+#: at full size, in normalised units ((pixel - 127) / 128, so 0.15 is about 19
+#: of 255 grey levels, at an edge); measured: max 0.07 on the data below and
+#: 0.102 over 40 other photos (benchmarks/README.md), mean at most 0.004.
+DRAFT_MAX_ABS = 0.15
 DRAFT_MEAN_ABS = 0.01
 
 
