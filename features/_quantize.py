@@ -116,6 +116,13 @@ def quantize_backbone(
         Same preprocessing; its graph is the quantized one in the cache and
         its fingerprint hashes the FP32 fingerprint, the recipe and the
         calibration sample.
+
+    Notes
+    -----
+    Features are only comparable under one fingerprint: calibrate an image
+    backbone once (e.g. on the training images) and extract every split with
+    that same backbone object. Calibrating separately on each split gives
+    each split its own INT8 graph.
     """
     config = config or default_quantization(backbone.modality)
     if config.method not in ("static", "dynamic"):
