@@ -86,7 +86,8 @@ class FeatureStore:
     --------
     >>> import numpy as np, tempfile, os
     >>> store = FeatureStore(os.path.join(tempfile.mkdtemp(), "f.h5"))
-    >>> store.put("fp", ["a" * 64], np.ones((1, 3), np.float32), {"backbone": "x"})
+    >>> meta = {"backbone": "x", "feature_dim": 3}
+    >>> shard = store.put("fp", ["a" * 64], np.ones((1, 3), np.float32), meta)
     >>> store.get("fp", ["a" * 64]).shape
     (1, 3)
     """
