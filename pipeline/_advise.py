@@ -438,3 +438,73 @@ def advise_command(args) -> int:
     else:
         print(format_advice(report, str(args.data)))
     return 0
+
+
+def follow_advice(
+    paths: list,
+    labels: np.ndarray,
+    train: np.ndarray,
+    test: np.ndarray,
+    *,
+    store: FeatureStore | MemoryStore | str | os.PathLike | None = None,
+    image_size: int = 32,
+    epochs: int = 4,
+    threshold: int = DEFAULT_THRESHOLD,
+    random_state: int = 0,
+    echo: bool = True,
+) -> dict[str, Any]:
+    """Run :func:`advise` on a training split, then train as it recommends.
+
+    For ``finetune`` or ``from_scratch`` the network is trained on the
+    training split and scored on the test split; for ``bottleneck`` nothing
+    more is trained (the caller has that result already).
+
+    Returns
+    -------
+    dict
+        ``advice`` (the report), ``trained`` (``strategy``, ``accuracy``,
+        ``seconds``, ``epochs``, ``image_size``; None for ``bottleneck``).
+    """
+    from ._finetune import FineTunedClassifier
+
+    say = print if echo else logger.info
+    labels = np.asarray(labels).astype(str)
+    data = Dataset(
+        [paths[i] for i in train],
+        labels[train].astype(object),
+        [str(paths[i]) for i in train],
+        "image",
+    )
+    say(f"advise: cross-validating frozen features and raw pixels on {len(train)}")
+    report = advise(
+        data, store=store, threshold=threshold, random_state=random_state,
+        progress=False,
+    )  # fmt: skip
+    for line in format_advice(report, "the training digits").splitlines():
+        say(f"  {line}")
+    out: dict[str, Any] = {"advice": report, "trained": None}
+    if report["recommendation"] == "bottleneck":
+        return out
+    strategy = "finetune" if report["recommendation"] == "finetune" else "scratch"
+    say(
+        f"following it: {strategy} at {image_size}x{image_size} px for {epochs} "
+        "epochs (shortened for the demo)"
+    )
+    start = time.perf_counter()
+    model = FineTunedClassifier(
+        strategy=strategy,
+        image_size=image_size,
+        epochs=epochs,
+        random_state=random_state,
+        progress=None if echo else False,
+    )
+    model.fit(data.items, labels[train])
+    accuracy = model.score([paths[i] for i in test], labels[test])
+    out["trained"] = {
+        "strategy": strategy,
+        "accuracy": round(float(accuracy), 4),
+        "seconds": round(time.perf_counter() - start, 1),
+        "epochs": len(model.history_),
+        "image_size": image_size,
+    }
+    return out

@@ -241,6 +241,8 @@ def test_bad_parameters_are_refused_with_the_fix(few_images):
         FineTunedClassifier(strategy="bottleneck").fit(X, y)
     with pytest.raises(ValueError, match="frozen_blocks=17; efficientnet_lite0 has 16"):
         FineTunedClassifier(frozen_blocks=17, **TINY).fit(X, y)
+    with pytest.raises(ValueError, match="head_init='zeros'; expected 'probe'"):
+        FineTunedClassifier(head_init="zeros").fit(X, y)
     with pytest.raises(ValueError, match="single class"):
         FineTunedClassifier(**TINY).fit(X, ["ants"] * len(X))
 
