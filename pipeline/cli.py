@@ -136,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
         "DATA) into its own store namespace; faster, features within cosine "
         "~0.99 of fp32 (see benchmarks/README.md)",
     )
+    sub.add_argument(
+        "--calibration",
+        metavar="DATA",
+        help="with --precision int8: calibrate on these images instead of DATA; "
+        "give the same DATA (e.g. the training folder) when extracting each "
+        "split, so all splits share one INT8 backbone",
+    )
     sub.add_argument("--json", action="store_true", help="print a JSON summary")
     cluster = sub.add_mutually_exclusive_group()
     cluster.add_argument(
@@ -252,7 +259,10 @@ def run_backbones(args) -> int:
 @command("extract")
 def run_extract(args) -> int:
     dataset = read_data(args)
-    extractor = make_extractor(args, dataset.modality, dataset.items)
+    calibration = dataset.items
+    if args.precision == "int8" and args.calibration:
+        calibration = load_dataset(args.calibration).items
+    extractor = make_extractor(args, dataset.modality, calibration)
     if args.scheduler is not None or args.workers is not None:
         with dask_client(args.scheduler, workers=args.workers) as client:
             result = extract_distributed(
