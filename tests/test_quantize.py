@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 
@@ -134,3 +137,26 @@ def test_cli_rejects_unknown_precision(capsys):
     with pytest.raises(SystemExit):
         main(["extract", "x.tsv", "--precision", "int4"])
     assert "invalid choice: 'int4'" in capsys.readouterr().err
+
+
+def test_cli_int8_splits_share_one_backbone_with_calibration(
+    ants_bees, tmp_path, capsys
+):
+    for split, count in (("train", 4), ("val", 2)):
+        for label in ("ants", "bees"):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            for path in sorted((ants_bees / split / label).glob("*.jpg"))[:count]:
+                shutil.copy(path, folder / path.name)
+    int8 = ["--precision", "int8", "--store", str(tmp_path / "s.h5"), "--json"]
+
+    def fingerprint(*args: str) -> str:
+        assert main(["extract", *args, *int8, "--no-progress"]) == 0
+        return json.loads(capsys.readouterr().out)["fingerprint"]
+
+    train = fingerprint(str(tmp_path / "train"))
+    val = fingerprint(str(tmp_path / "val"), "--calibration", str(tmp_path / "train"))
+    val_alone = fingerprint(str(tmp_path / "val"))
+
+    assert val == train
+    assert val_alone != train
