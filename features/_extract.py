@@ -248,7 +248,7 @@ class Extractor:
         def commit():
             nonlocal computed
             rows = (
-                np.concatenate(pending_rows)
+                np.concatenate(pending_rows)[: len(pending_keys)]
                 if pending_rows
                 else np.empty((0, self.backbone.feature_dim), np.float32)
             )
@@ -273,8 +273,11 @@ class Extractor:
                 if good:
                     inputs = self.backbone.preprocessor.collate([x for _, x in good])
                     rows = self.backbone.run(inputs, self.num_threads)
-                    pending_keys.extend(key for key, _ in good)
+                    batch_keys = [key for key, _ in good]
+                    # Rows first, then keys in one call: a Ctrl-C between the
+                    # two leaves surplus rows, which commit() drops.
                     pending_rows.append(np.asarray(rows, dtype=np.float32))
+                    pending_keys.extend(batch_keys)
                 if len(pending_keys) >= self.commit_every:
                     commit()
                 bar.update(len(batch))
