@@ -56,9 +56,11 @@ class Dataset:
         """The items where ``mask`` is true."""
         mask = np.asarray(mask, dtype=bool)
         return Dataset(
-            items=[item for item, keep in zip(self.items, mask) if keep],
+            items=[item for item, keep in zip(self.items, mask, strict=True) if keep],
             labels=None if self.labels is None else self.labels[mask],
-            sources=[source for source, keep in zip(self.sources, mask) if keep],
+            sources=[
+                source for source, keep in zip(self.sources, mask, strict=True) if keep
+            ],
             modality=self.modality,
             skipped=list(self.skipped),
         )
@@ -169,7 +171,11 @@ def _load_table(path, path_column, text_column, label_column, columns) -> Datase
     items, labels, sources, skipped = [], [], [], []
     has_labels = label_column in frame.columns
     for row, (value, label) in enumerate(
-        zip(frame[column], frame[label_column] if has_labels else [None] * len(frame))
+        zip(
+            frame[column],
+            frame[label_column] if has_labels else [None] * len(frame),
+            strict=True,
+        )
     ):
         source = f"{path.name}:{row + 2 if columns is None else row + 1}"
         if pd.isna(value) or (isinstance(value, str) and not value.strip()):
@@ -184,8 +190,10 @@ def _load_table(path, path_column, text_column, label_column, columns) -> Datase
         items.append(value if modality == "image" else str(value))
         labels.append(None if not has_labels else _label(label))
         sources.append(source)
-    if modality == "image" and items and all(
-        Path(item).suffix.lower() in TEXT_SUFFIXES for item in items
+    if (
+        modality == "image"
+        and items
+        and all(Path(item).suffix.lower() in TEXT_SUFFIXES for item in items)
     ):
         return _text_paths(items, labels, has_labels, skipped)
     return Dataset(
@@ -199,7 +207,8 @@ def _load_table(path, path_column, text_column, label_column, columns) -> Datase
 
 def _text_paths(items, labels, has_labels, skipped) -> Dataset:
     dataset = _read_text_files(
-        [(Path(item), label) for item, label in zip(items, labels)], has_labels
+        [(Path(item), label) for item, label in zip(items, labels, strict=True)],
+        has_labels,
     )
     dataset.skipped = skipped + dataset.skipped
     return dataset

@@ -74,7 +74,8 @@ def content_key(item: Any, modality: str) -> str:
     if modality == "text":
         if not isinstance(item, str):
             raise InputError(f"expected a text (str), got {type(item).__name__}")
-        return hashlib.sha256(b"text\0" + item.encode("utf-8", "surrogatepass")).hexdigest()
+        data = b"text\0" + item.encode("utf-8", "surrogatepass")
+        return hashlib.sha256(data).hexdigest()
     return hashlib.sha256(read_input_bytes(item)).hexdigest()
 
 
@@ -164,7 +165,7 @@ class Extractor:
             todo = self.store.missing(self.fingerprint, (k for k in keys if k))
             todo = [key for key in todo if key not in known_failures]
             first = {}
-            for key, item, source in zip(keys, items, sources):
+            for key, item, source in zip(keys, items, sources, strict=True):
                 if key in first or key is None:
                     continue
                 first[key] = (item, source)
@@ -220,7 +221,7 @@ class Extractor:
             with ThreadPoolExecutor(self.decode_threads) as pool:
                 hashed = list(pool.map(one, items))
         keys: list[str | None] = []
-        for value, source in zip(hashed, sources):
+        for value, source in zip(hashed, sources, strict=True):
             if isinstance(value, InputError):
                 self._fail(source, str(value))
                 summary.failures.append({"source": source, "reason": str(value)})

@@ -540,7 +540,7 @@ class MemoryStore:
         rows = self._rows.setdefault(fingerprint, {})
         self._meta.setdefault(fingerprint, dict(meta))
         self._computed[fingerprint] = self._computed.get(fingerprint, 0) + len(keys)
-        for key, row in zip(keys, np.asarray(features, dtype=np.float32)):
+        for key, row in zip(keys, np.asarray(features, dtype=np.float32), strict=True):
             rows[key] = row
         known = self._failures.setdefault(fingerprint, {})
         for record in failures:
