@@ -281,7 +281,11 @@ def fit_head(
     start = time.perf_counter()
     y = np.asarray(y)
     check_training_labels(list(y), cv)
-    folds = StratifiedKFold(cv, shuffle=True, random_state=random_state)
+    folds = (
+        StratifiedKFold(cv, shuffle=True, random_state=random_state)
+        if cv >= 2
+        else None
+    )
     best_params: dict[str, Any] = {}
     rows: list[dict] = []
     if search and cv >= 2:

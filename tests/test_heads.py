@@ -99,3 +99,11 @@ def test_fit_head_refuses_what_cannot_work():
         fit_head(X, y, "svm", cv=5)
     with pytest.raises(ValueError, match="single class"):
         fit_head(X, np.repeat("a", len(y)), "svm", cv=0)
+
+
+@pytest.mark.parametrize("cv", [0, 1])
+def test_fit_head_without_cross_validation(cv):
+    X, y = _blobs()
+    fitted = fit_head(X, y, "logreg", cv=cv, search=True)
+    assert fitted.cv_folds == 0 and fitted.cv_scores == [] and fitted.search == []
+    assert (fitted.estimator.predict(X) == y).mean() > 0.9
