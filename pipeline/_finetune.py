@@ -62,6 +62,9 @@ logger = logging.getLogger(__name__)
 #: Learning rate of the new head (and, for ``scratch``, of every layer).
 DEFAULT_LR = {"finetune": 1e-3, "scratch": 3e-3}
 
+#: BatchNorm momentum when training from scratch (PyTorch's default).
+SCRATCH_BN_MOMENTUM = 0.1
+
 #: Format of the checkpoint file; a checkpoint of another version is ignored.
 CHECKPOINT_VERSION = 1
 CHECKPOINT_NAME = "finetune-checkpoint.pt"
@@ -590,6 +593,12 @@ def _reinitialise(torch, module, seed: int) -> None:
     for layer in module.modules():
         if hasattr(layer, "reset_parameters") and layer is not module:
             layer.reset_parameters()
+        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+            # The ported weights keep TensorFlow's slow running averages
+            # (momentum 0.01): from random weights, which change fast, the
+            # averages would lag the network by hundreds of steps and the
+            # model would score at chance in eval mode.
+            layer.momentum = SCRATCH_BN_MOMENTUM
 
 
 class _torch_threads:

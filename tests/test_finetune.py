@@ -97,6 +97,13 @@ def test_scratch_frees_every_layer_at_one_rate(few_images, pretrained_state):
     assert all(p.requires_grad for p in model.network_.parameters())
     state = model.network_.body.state_dict()
     assert all(_changed(pretrained_state, state, "net._conv_stem."))
+    # Running averages fast enough to follow weights that start at random.
+    norms = [
+        layer
+        for layer in model.network_.modules()
+        if isinstance(layer, torch.nn.BatchNorm2d)
+    ]
+    assert norms and {layer.momentum for layer in norms} == {0.1}
 
 
 def test_augmentation_changes_the_input(ants_bees):
