@@ -449,6 +449,7 @@ def follow_advice(
     store: FeatureStore | MemoryStore | str | os.PathLike | None = None,
     image_size: int = 32,
     epochs: int = 4,
+    augment: bool = True,
     threshold: int = DEFAULT_THRESHOLD,
     random_state: int = 0,
     echo: bool = True,
@@ -488,21 +489,25 @@ def follow_advice(
     strategy = "finetune" if report["recommendation"] == "finetune" else "scratch"
     say(
         f"following it: {strategy} at {image_size}x{image_size} px for {epochs} "
-        "epochs (shortened for the demo)"
+        f"epochs{'' if augment else ', no augmentation'} (shortened for the demo)"
     )
     start = time.perf_counter()
     model = FineTunedClassifier(
         strategy=strategy,
         image_size=image_size,
         epochs=epochs,
+        augment=augment,
         random_state=random_state,
         progress=None if echo else False,
     )
     model.fit(data.items, labels[train])
-    accuracy = model.score([paths[i] for i in test], labels[test])
+    from sklearn.metrics import accuracy_score, f1_score
+
+    predicted = model.predict([paths[i] for i in test])
     out["trained"] = {
         "strategy": strategy,
-        "accuracy": round(float(accuracy), 4),
+        "accuracy": round(float(accuracy_score(labels[test], predicted)), 4),
+        "macro_f1": round(float(f1_score(labels[test], predicted, average="macro")), 4),
         "seconds": round(time.perf_counter() - start, 1),
         "epochs": len(model.history_),
         "image_size": image_size,

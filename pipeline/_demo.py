@@ -73,7 +73,10 @@ def run_demo(
     size: int = 32,
     test_size: float = 0.25,
     random_state: int = 0,
+    per_class: int | None = None,
     echo: bool = True,
+    follow: bool = True,
+    epochs: int = 4,
 ) -> dict:
     """Train and evaluate on the digits; compare with raw pixels.
 
@@ -86,8 +89,14 @@ def run_demo(
         Side of the digit images written.
     test_size : float, default=0.25
         Held-out fraction (stratified).
+    per_class : int, optional
+        Use only the first ``per_class`` digits of each class (a quick run).
     echo : bool, default=True
         Print the steps and the comparison.
+    follow : bool, default=True
+        Run ``advise`` on the training digits and train as it recommends
+        (fine-tune or from scratch), at the images' size rounded to a
+        multiple of 32 and for ``epochs`` epochs: shortened for the demo.
 
     Returns
     -------
@@ -105,16 +114,24 @@ def run_demo(
     say(f"writing scikit-learn's 1,797 digits as {size}x{size} PNG files to {images}")
     paths, labels = write_digits(images, size)
     indices = np.arange(len(paths))
+    if per_class is not None:
+        indices = np.concatenate(
+            [np.flatnonzero(labels == label)[:per_class] for label in np.unique(labels)]
+        )
     train, test = train_test_split(
-        indices, test_size=test_size, stratify=labels, random_state=random_state
+        indices,
+        test_size=test_size,
+        stratify=labels[indices],
+        random_state=random_state,
     )
 
     start = time.perf_counter()
     extractor = Extractor(
         BACKBONE, workdir / "features.h5", progress=None if echo else False
     )
-    say(f"extracting {BACKBONE} features of {len(paths)} images (once; cached)")
-    features = extractor.extract_features(paths)
+    say(f"extracting {BACKBONE} features of {len(indices)} images (once; cached)")
+    features = np.zeros((len(paths), extractor.backbone.feature_dim), np.float32)
+    features[indices] = extractor.extract_features([paths[i] for i in indices])
     extractor.store.compact()
     extract_seconds = time.perf_counter() - start
 
@@ -140,6 +157,24 @@ def run_demo(
     raw = classification_scores(labels[test], baseline.predict(pixels[test]))
     raw_seconds = time.perf_counter() - start
 
+    followed = {"advice": None, "trained": None}
+    if follow:
+        from ._advise import follow_advice
+
+        followed = follow_advice(
+            paths,
+            labels,
+            train,
+            test,
+            store=extractor.store,
+            image_size=max(32, 32 * round(size / 32)),
+            epochs=epochs,
+            # A flipped or rotated digit can be another digit: no augmentation.
+            augment=False,
+            random_state=random_state,
+            echo=echo,
+        )
+
     out = {
         "n_train": int(len(train)),
         "n_test": int(len(test)),
@@ -161,6 +196,17 @@ def run_demo(
         else "bottleneck",
         "workdir": str(workdir),
         "model_dir": str(model_dir),
+        "advice": None
+        if followed["advice"] is None
+        else {
+            key: followed["advice"][key]
+            for key in (
+                "recommendation",
+                "bottleneck_cv_accuracy",
+                "baseline_cv_accuracy",
+            )
+        },
+        "trained": followed["trained"],
     }
     if echo:
         _print_comparison(out, images, workdir)
@@ -180,6 +226,18 @@ def _print_comparison(out: dict, images: Path, workdir: Path) -> None:
         f"{'raw 8x8 pixels + logistic regr.':<34} {raw['accuracy']:>8.4f} "
         f"{raw['macro_f1']:>8.4f} {raw['seconds']:>8.2f}"
     )
+    trained = out.get("trained")
+    if trained:
+        name = (
+            f"{trained['strategy']} ({trained['epochs']} epochs, "
+            f"{trained['image_size']} px)"
+        )
+        print(
+            f"{name:<34} {trained['accuracy']:>8.4f} "
+            f"{trained['macro_f1']:>8.4f} {trained['seconds']:>8.1f}"
+        )
+    if out.get("advice"):
+        print(f"advise recommended: {out['advice']['recommendation']}")
     print()
     if out["winner"] == "raw_pixels":
         print(
@@ -189,6 +247,14 @@ def _print_comparison(out: dict, images: Path, workdir: Path) -> None:
             "fine-tune the network or use a backbone trained on similar data; "
             "frozen features shine on photographs (ants/bees, clothing)."
         )
+        if trained:
+            print(
+                f"advise saw this and recommended {out['advice']['recommendation']}; "
+                f"following it, the same network trained {trained['strategy']} for "
+                f"only {trained['epochs']} epochs at {trained['image_size']} px "
+                f"reached {trained['accuracy']:.3f} (cut short for the demo: "
+                f"bneck train DATA --strategy {trained['strategy']} trains longer)."
+            )
     else:
         print(
             "The frozen features beat raw pixels here: the pretrained network "
