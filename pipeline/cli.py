@@ -25,6 +25,7 @@ from features import (
     load_dataset,
 )
 
+from ._deploy import DeploymentMismatchError
 from ._validation import (
     EXIT_SKIPPED,
     interrupts_in_finalizers,
@@ -39,6 +40,7 @@ DEFAULT_BACKBONE = {"image": "efficientnet_lite0", "text": "minilm_l6"}
 #: Errors that are the user's to fix: one line, no traceback.
 USER_ERRORS = (
     ClusterError,
+    DeploymentMismatchError,
     ExportMismatchError,
     FileNotFoundError,
     ImportError,
@@ -90,9 +92,7 @@ def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, help="ONNX Runtime threads (default: all cores)"
     )
-    parser.add_argument(
-        "--no-progress", action="store_true", help="no progress bar"
-    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--commit-every",
         type=int,
@@ -355,6 +355,19 @@ def add_model_parsers(commands) -> None:
     )
 
     sub = commands.add_parser(
+        "export",
+        help="write MODEL_DIR as one ONNX graph: preprocessed input to label",
+    )
+    sub.add_argument("model_dir", metavar="MODEL_DIR")
+    sub.add_argument("--out", required=True, help="the .onnx file to write")
+    sub.add_argument(
+        "--keep-features",
+        action="store_true",
+        help="also output the bottleneck vector as 'features'",
+    )
+    sub.add_argument("--json", action="store_true", help="print a JSON summary")
+
+    sub = commands.add_parser(
         "demo", help="train and evaluate on scikit-learn's bundled digits"
     )
     sub.add_argument(
@@ -402,9 +415,8 @@ def run_train(args) -> int:
     from ._validation import check_training_labels
 
     dataset = read_data(args)
-    check_training_labels(
-        [] if dataset.labels is None else list(dataset.labels), args.cv
-    )
+    labels = [None] * len(dataset) if dataset.labels is None else dataset.labels
+    check_training_labels(list(labels), args.cv)
     strategy = choose_strategy(len(dataset), args.threshold, args.strategy)
     if strategy != "bottleneck":
         from ._finetune import train_command
@@ -579,6 +591,27 @@ def run_evaluate(args) -> int:
         args.report or args.model_dir,
         allow_skipped=args.allow_skipped,
     )
+
+
+@command("export")
+def run_export(args) -> int:
+    from ._deploy import export_model
+
+    out = export_model(args.model_dir, args.out, keep_features=args.keep_features)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    inputs, outputs = ", ".join(out["inputs"]), ", ".join(out["outputs"])
+    print(
+        f"wrote {out['out']} ({out['bytes'] / 1e6:.1f} MB): inputs {inputs} -> "
+        f"outputs {outputs}; classes {out['classes']}; matches the model within "
+        f"{out['max_proba_diff']:.1e} on sample inputs"
+    )
+    if out["preprocessing"]["kind"] == "text":
+        print("tokenize texts with tokenizer.json from MODEL_DIR before the graph")
+    else:
+        print("preprocess images as model metadata 'bneck.preprocessing' says")
+    return 0
 
 
 @command("demo")
