@@ -337,9 +337,13 @@ class Extractor:
         }
 
     def _bar(self, total: int):
-        from tqdm.auto import tqdm
-
         show = self.progress if self.progress is not None else sys.stderr.isatty()
+        # tqdm.auto warns in a notebook without ipywidgets even for a bar
+        # that stays hidden: import it only for a bar that shows.
+        if show:
+            from tqdm.auto import tqdm
+        else:
+            from tqdm import tqdm
         return tqdm(
             total=total,
             disable=not show,

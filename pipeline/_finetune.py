@@ -1086,9 +1086,11 @@ def _epoch_seed(random_state: int, epoch: int) -> int:
 
 
 def _bar(total: int, description: str, progress: bool | None):
-    from tqdm.auto import tqdm
-
     show = progress if progress is not None else sys.stderr.isatty()
+    if show:
+        from tqdm.auto import tqdm
+    else:  # tqdm.auto warns in a notebook without ipywidgets, even hidden
+        from tqdm import tqdm
     return tqdm(total=total, desc=description, unit="batch", disable=not show)
 
 
