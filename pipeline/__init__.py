@@ -2,6 +2,7 @@
 
 from ._advise import advise, format_advice
 from ._augment import ImageAugmenter
+from ._deploy import DeploymentMismatchError, export_model
 from ._estimators import BottleneckFeatures
 from ._finetune import FineTunedClassifier, cross_validate_finetune, save_finetuned
 from ._heads import (
@@ -26,6 +27,7 @@ __all__: list[str] = [
     "STRATEGIES",
     "BottleneckFeatures",
     "BottleneckModel",
+    "DeploymentMismatchError",
     "FingerprintMismatchError",
     "FineTunedClassifier",
     "FittedHead",
@@ -35,6 +37,7 @@ __all__: list[str] = [
     "choose_strategy",
     "cross_validate_finetune",
     "default_grid",
+    "export_model",
     "fit_head",
     "format_advice",
     "make_classifier",

@@ -11,8 +11,13 @@ import onnxruntime as ort
 import pytest
 
 from features import Extractor, ImagePreprocessor
-from pipeline import fit_head, load_model, save_model
-from pipeline._deploy import DeploymentMismatchError, export_model
+from pipeline import (
+    DeploymentMismatchError,
+    export_model,
+    fit_head,
+    load_model,
+    save_model,
+)
 from pipeline.cli import main
 
 
