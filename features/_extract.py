@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ._backbones import Backbone, get_backbone
+from ._keymemo import KeyMemo
 from ._preprocess import InputError, read_input_bytes
 from ._store import FeatureStore, MemoryStore
 
@@ -132,6 +133,11 @@ class Extractor:
         elif not isinstance(store, (FeatureStore, MemoryStore)):
             store = FeatureStore(store)
         self.store = store
+        self.key_memo = KeyMemo(
+            store.path.with_name(store.path.name + ".keys")
+            if isinstance(store, FeatureStore)
+            else None
+        )
         self.batch_size = batch_size
         self.num_threads = num_threads
         self.decode_threads = decode_threads or min(4, os.cpu_count() or 1)
@@ -218,8 +224,7 @@ class Extractor:
             # Hashing a short text takes less than handing it to a thread.
             hashed = [one(item) for item in items]
         else:
-            with ThreadPoolExecutor(self.decode_threads) as pool:
-                hashed = list(pool.map(one, items))
+            hashed = self.key_memo.keys(items, one, self.decode_threads)
         keys: list[str | None] = []
         for value, source in zip(hashed, sources, strict=True):
             if isinstance(value, InputError):

@@ -5,6 +5,8 @@ Layout on disk, for a store named ``features.h5``::
     features.h5           compacted rows (may be absent in a new store)
     features.h5.shards/   one small HDF5 file per commit
     features.h5.lock      held while a process extracts into the store
+    features.h5.keys      SQLite: the content key of each file path, reused
+                          while the file is unchanged (features._keymemo)
 
 No HDF5 file is ever modified in place. A commit writes a shard under a
 temporary name, closes and fsyncs it, then renames it into ``.shards/``;
