@@ -40,9 +40,11 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 def frozen(backbone, train, val, store) -> dict:
     """Linear heads on frozen bottleneck features: val scores and seconds."""
+    from features import get_backbone
     from pipeline._estimators import BottleneckFeatures
     from pipeline._heads import make_head
 
+    modality = get_backbone(backbone).modality
     start = time.perf_counter()
     features = BottleneckFeatures(backbone, store=store, progress=False)
     X_train = features.transform(train[0])
@@ -51,7 +53,7 @@ def frozen(backbone, train, val, store) -> dict:
     out = {"extract_seconds": round(extract_seconds, 1)}
     for head in ("logreg", "svm"):
         start = time.perf_counter()
-        model = make_head(head, probability=False)
+        model = make_head(head, probability=False, modality=modality)
         predicted = model.fit(X_train, train[1]).predict(X_val)
         out[head] = scores(val[1], predicted) | {
             "head_seconds": round(time.perf_counter() - start, 1)

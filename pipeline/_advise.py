@@ -245,7 +245,7 @@ def _bottleneck_scores(dataset, labels, model, store, folds, seed, progress):
     ok = result.ok
     features = extractor.features([key for key in result.keys if key is not None])
     splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    head = make_head("logreg")
+    head = make_head("logreg", modality=dataset.modality)
     scores = cross_val_score(head, features, labels[ok], cv=splitter)
     return [float(score) for score in scores], failed
 

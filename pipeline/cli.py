@@ -435,6 +435,7 @@ def run_train(args) -> int:
         cv=args.cv,
         search=args.search,
         class_weight=class_weight,
+        modality=dataset.modality,
     )
     classes, counts = np.unique(labels, return_counts=True)
     training = {

@@ -93,13 +93,15 @@ def test_graph_says_its_classes_and_preprocessing(image_models, tmp_path):
     np.testing.assert_allclose(features, model.backbone.run(inputs), atol=1e-5)
 
 
-def test_text_model_exports_with_its_tokenizer_outside(sms_dataset, tmp_path):
+@pytest.mark.parametrize("head", ["svm", "logreg"])
+def test_text_model_exports_with_its_tokenizer_outside(sms_dataset, tmp_path, head):
     from tokenizers import Tokenizer
 
-    texts = sms_dataset.items[:40]
-    labels = np.asarray(sms_dataset.labels[:40])
+    texts = sms_dataset.items[:60]
+    labels = np.asarray(sms_dataset.labels[:60])
     extractor = Extractor("minilm_l6")
-    fitted = fit_head(extractor.extract_features(texts), labels, "logreg", cv=0)
+    features = extractor.extract_features(texts)
+    fitted = fit_head(features, labels, head, cv=0, modality="text")
     folder = save_model(tmp_path / "sms", extractor.backbone, fitted.estimator)
     out = export_model(folder, tmp_path / "sms.onnx")
     assert out["inputs"] == ["input_ids", "attention_mask"]

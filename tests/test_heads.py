@@ -39,7 +39,12 @@ def _expected_failed(estimator):
 
 
 @parametrize_with_checks(
-    [make_head("svm"), make_head("logreg")], expected_failed_checks=_expected_failed
+    [
+        make_head(head, modality=modality)
+        for modality in ("image", "text")
+        for head in ("svm", "logreg")
+    ],
+    expected_failed_checks=_expected_failed,
 )
 def test_heads_sklearn_compatible(estimator, check):
     check(estimator)
@@ -107,3 +112,20 @@ def test_fit_head_without_cross_validation(cv):
     fitted = fit_head(X, y, "logreg", cv=cv, search=True)
     assert fitted.cv_folds == 0 and fitted.cv_scores == [] and fitted.search == []
     assert (fitted.estimator.predict(X) == y).mean() > 0.9
+
+
+def test_defaults_follow_the_modality_measured():
+    text_svm = make_head("svm", modality="text")
+    assert isinstance(text_svm.named_steps["scale"], StandardScaler)
+    assert text_svm.named_steps["svm"].estimator.kernel == "rbf"
+    image_svm = make_head("svm")
+    assert isinstance(image_svm.named_steps["scale"], Normalizer)
+    assert image_svm.named_steps["svm"].estimator.kernel == "linear"
+    assert make_head("logreg", modality="text").named_steps["logreg"].C == 0.1
+    assert default_grid("logreg", modality="text") == {
+        "logreg__C": [0.0001, 0.001, 0.01, 0.1, 1.0, 10.0]
+    }
+    model = make_classifier("minilm_l6", "svm", probability=False)
+    assert model.named_steps["svm"].kernel == "rbf"
+    with pytest.raises(ValueError, match="modality='audio'; expected one of image"):
+        make_head("svm", modality="audio")
