@@ -10,6 +10,8 @@ after the first run only the heads' time is spent.
 Run::
 
     python benchmarks/bench_heads.py --store /tmp/features.h5
+
+The table also goes to ``benchmarks/results/heads.txt``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from features import Extractor, load_dataset
 from pipeline import fit_head
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 CONFIGS = [
     ("svm", {"scaling": "standard", "kernel": "linear"}),
@@ -95,7 +98,13 @@ def main() -> None:
     parser.add_argument("--store", required=True)
     parser.add_argument("--only", help="one data set: ants/bees, clothing or sms")
     args = parser.parse_args()
-    print(
+    lines: list[str] = []
+
+    def say(line: str = "") -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    say(
         f"{'data':<10} {'head':<7} {'scaling':<9} {'kernel':<7} {'C':>7} "
         f"{'cv acc':>7} {'val acc':>8} {'macro F1':>9} {'pos F1':>7} {'s':>6}"
     )
@@ -112,21 +121,23 @@ def main() -> None:
                 if positive
                 else f"{'':>7}"
             )
-            print(
+            say(
                 f"{name:<10} {head:<7} {params['scaling']:<9} "
                 f"{params.get('kernel', ''):<7} {fitted.best_params['C']:>7g} "
                 f"{fitted.cv_score:7.4f} {accuracy_score(y_val, predicted):8.4f} "
                 f"{f1_score(y_val, predicted, average='macro'):9.4f} {pos} "
-                f"{seconds:6.1f}",
-                flush=True,
+                f"{seconds:6.1f}"
             )
         if positive:
             accuracy, f1 = tfidf_baseline()
-            print(
+            say(
                 f"{name:<10} TF-IDF + LinearSVC baseline: accuracy {accuracy:.4f}, "
                 f"{positive} F1 {f1:.4f}"
             )
-        print()
+        say()
+    if not args.only:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "heads.txt").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
