@@ -71,6 +71,15 @@ def export_onnx(
             # has no stable dynamic-axes story for every module users bring.
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # Two notes the exporter prints for the embedded backbones: a
+            # constant-folding pass skipped on strided slices, and a caution
+            # about negative indices. Every graph is checked against PyTorch
+            # on sample inputs after export (verify_onnx), which is where a
+            # wrong result would show.
+            warnings.filterwarnings("ignore", "Constant folding - Only steps=1")
+            warnings.filterwarnings(
+                "ignore", "Exporting aten::index operator of advanced indexing"
+            )
             torch.onnx.export(
                 module,
                 args,
