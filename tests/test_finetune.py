@@ -72,6 +72,31 @@ def test_freezing_keeps_stem_and_first_half_of_blocks(fitted, pretrained_state):
     assert frozen and not any(frozen)
 
 
+def test_batchnorm_statistics_stay_pretrained_unless_asked(
+    fitted, few_images, pretrained_state
+):
+    def statistics(state):
+        return {k: v for k, v in state.items() if k.endswith("running_mean")}
+
+    kept = statistics(fitted.network_.body.state_dict())
+    assert kept and all(
+        torch.equal(value, pretrained_state[key]) for key, value in kept.items()
+    )
+    # The layers themselves learnt: the BatchNorm scales of the free half moved.
+    assert any(
+        _changed(
+            pretrained_state, fitted.network_.body.state_dict(), "net._blocks.15._bn"
+        )
+    )
+
+    X, y = few_images
+    free = FineTunedClassifier(
+        epochs=1, validation_fraction=0, freeze_batchnorm=False, **TINY
+    ).fit(X, y)
+    moved = statistics(free.network_.body.state_dict())
+    assert any(not torch.equal(moved[k], pretrained_state[k]) for k in moved)
+
+
 def test_frozen_blocks_option_sets_how_many(few_images, pretrained_state):
     X, y = few_images
     model = FineTunedClassifier(
