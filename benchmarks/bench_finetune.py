@@ -166,24 +166,36 @@ def subset(split, n: int):
     return [split[0][i] for i in chosen], np.asarray(split[1])[chosen]
 
 
-def print_table(results: dict) -> None:
-    print()
-    print(f"{'data':<10} {'model':<22} {'accuracy':>8} {'spam F1':>8} {'seconds':>8}")
+def table(results: dict) -> str:
+    """The comparison as a Markdown table."""
+    lines = [
+        "| data | model | accuracy | spam F1 | seconds |",
+        "|---|---|---:|---:|---:|",
+    ]
     for name, result in results.items():
         frozen = result["frozen"]
         for head in ("logreg", "svm"):
             row = frozen[head]
             seconds = frozen["extract_seconds"] + row["head_seconds"]
-            print(
-                f"{name:<10} {'frozen + ' + head:<22} {row['accuracy']:>8.4f} "
-                f"{row.get('spam_f1', float('nan')):>8.4f} {seconds:>8.1f}"
+            spam = f"{row['spam_f1']:.4f}" if "spam_f1" in row else ""
+            lines.append(
+                f"| {name} | frozen + {head} | {row['accuracy']:.4f} | {spam} | "
+                f"{seconds:.1f} |"
             )
         row = result["finetuned"]
-        print(
-            f"{name:<10} {'fine-tuned':<22} {row['accuracy']:>8.4f} "
-            f"{row.get('spam_f1', float('nan')):>8.4f} {row['fit_seconds']:>8.1f}"
+        spam = f"{row['spam_f1']:.4f}" if "spam_f1" in row else ""
+        lines.append(
+            f"| {name} | fine-tuned ({row['epochs_run']} epochs, best "
+            f"{row['best_epoch']}) | {row['accuracy']:.4f} | {spam} | "
+            f"{row['fit_seconds']:.1f} |"
         )
-        print(f"{name:<10} gain over the best frozen head: {result['gain_points']} pts")
+    lines.append("")
+    for name, result in results.items():
+        lines.append(
+            f"- {name}: fine-tuned minus the best frozen head: "
+            f"{result['gain_points']} points"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -195,7 +207,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-steps", type=int, help="steps per epoch (trials)")
     parser.add_argument("--limit", type=int, help="first N of each split (trials)")
     parser.add_argument("--work", help="folder for the store and checkpoints")
-    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument(
+        "--out", help="write the results as JSON here (and the table as .md)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-finetune-"))
@@ -205,7 +219,9 @@ def main(argv=None) -> int:
     results = {}
     for name in args.only or ("clothing", "sms"):
         results[name] = run(name, args, work)
-    print_table(results)
+    text = table(results)
+    print()
+    print(text)
     meta = {
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
@@ -213,7 +229,9 @@ def main(argv=None) -> int:
         "load_average": os.getloadavg(),
     }
     if args.out:
-        Path(args.out).write_text(json.dumps({"meta": meta, **results}, indent=2))
+        out = Path(args.out)
+        out.write_text(json.dumps({"meta": meta, **results}, indent=2))
+        out.with_suffix(".md").write_text(text)
     return 0
 
 

@@ -1,7 +1,8 @@
 """Held-out scores of ``bneck train`` + ``bneck evaluate``, as a user runs them.
 
 For each data set and head, with the defaults and with ``--search``:
-``bneck train TRAIN --classifier HEAD`` then ``bneck evaluate MODEL VAL``,
+``bneck train TRAIN --strategy bottleneck --classifier HEAD`` (clothing's
+1,000 images would otherwise be fine-tuned) then ``bneck evaluate MODEL VAL``,
 through the CLI's own ``main``. ants/bees and clothing use their ``train/``
 and ``val/`` folders; the SMS collection a stratified 80/20 split with
 ``random_state=0``, written as two CSV tables. One feature store serves all.
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
                     start = time.perf_counter()
                     trained = run_cli(
                         ["train", str(train), "--out", str(model),
-                         "--classifier", head, *common,
+                         "--strategy", "bottleneck", "--classifier", head, *common,
                          *(["--search"] if search else [])]
                     )  # fmt: skip
                     seconds = time.perf_counter() - start
