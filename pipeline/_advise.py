@@ -476,7 +476,7 @@ def follow_advice(
         [str(paths[i]) for i in train],
         "image",
     )
-    say(f"advise: cross-validating frozen features and raw pixels on {len(train)}")
+    say(f"advise: cross-validating frozen features and raw pixels, {len(train)} images")
     report = advise(
         data, store=store, threshold=threshold, random_state=random_state,
         progress=False,
