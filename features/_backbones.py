@@ -435,7 +435,16 @@ class _MiniLMFeatures:
                 "exporting minilm_l6 needs transformers: pip install transformers"
             ) from exc
 
-        bert = BertModel.from_pretrained(str(_minilm_dir()), local_files_only=True)
+        from transformers.utils import logging as transformers_logging
+
+        # Reading 90 MB of local weights needs no progress bar of its own.
+        shown = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()
+        try:
+            bert = BertModel.from_pretrained(str(_minilm_dir()), local_files_only=True)
+        finally:
+            if shown:
+                transformers_logging.enable_progress_bar()
         bert.eval()
 
         class MeanPooledBert(torch.nn.Module):
