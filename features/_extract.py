@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import sys
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -26,6 +25,7 @@ import numpy as np
 from ._backbones import Backbone, get_backbone
 from ._keymemo import KeyMemo
 from ._preprocess import InputError, read_input_bytes
+from ._progress import progress_bar
 from ._store import FeatureStore, MemoryStore
 
 __all__ = ["ExtractionResult", "ExtractionSummary", "Extractor", "content_key"]
@@ -342,18 +342,8 @@ class Extractor:
         }
 
     def _bar(self, total: int):
-        show = self.progress if self.progress is not None else sys.stderr.isatty()
-        # tqdm.auto warns in a notebook without ipywidgets even for a bar
-        # that stays hidden: import it only for a bar that shows.
-        if show:
-            from tqdm.auto import tqdm
-        else:
-            from tqdm import tqdm
-        return tqdm(
-            total=total,
-            disable=not show,
-            desc=f"extract {self.backbone.name}",
-            unit="item",
+        return progress_bar(
+            total, f"extract {self.backbone.name}", "item", self.progress
         )
 
 

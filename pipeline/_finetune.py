@@ -46,6 +46,7 @@ from features import (
     onnx_backbone,
 )
 from features._export import export_onnx, import_torch, verify_onnx, write_report
+from features._progress import progress_bar
 
 from ._augment import ImageAugmenter
 from ._estimators import as_items
@@ -944,7 +945,9 @@ class _Trainer:
         batches = batches[:steps]
         self._train_mode()
         total, seen = 0.0, 0
-        bar = _bar(len(batches), f"epoch {epoch + 1}/{params.epochs}", params.progress)
+        bar = progress_bar(
+            len(batches), f"epoch {epoch + 1}/{params.epochs}", "batch", params.progress
+        )
         try:
             for indices in batches:
                 inputs = self.data.train_inputs(torch, indices)
@@ -1097,15 +1100,6 @@ def _copy_state(network) -> dict:
 def _epoch_seed(random_state: int, epoch: int) -> int:
     digest = hashlib.sha256(f"{random_state}:{epoch}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
-
-
-def _bar(total: int, description: str, progress: bool | None):
-    show = progress if progress is not None else sys.stderr.isatty()
-    if show:
-        from tqdm.auto import tqdm
-    else:  # tqdm.auto warns in a notebook without ipywidgets, even hidden
-        from tqdm import tqdm
-    return tqdm(total=total, desc=description, unit="batch", disable=not show)
 
 
 # ---------------------------------------------------------------- MODEL_DIR
