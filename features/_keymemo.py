@@ -111,8 +111,10 @@ class KeyMemo:
             todo.append(position)
 
         now_ns = time.time_ns()
-        with ThreadPoolExecutor(max(1, threads)) as pool:
-            computed = list(pool.map(compute, [items[i] for i in todo]))
+        computed = []
+        if todo:
+            with ThreadPoolExecutor(max(1, threads)) as pool:
+                computed = list(pool.map(compute, [items[i] for i in todo]))
         learnt = {}
         for position, value in zip(todo, computed, strict=True):
             out[position] = value

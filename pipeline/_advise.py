@@ -33,6 +33,7 @@ from features import (
     get_backbone,
     load_dataset,
 )
+from features._keymemo import KeyMemo
 from features._preprocess import _to_rgb, read_input_bytes
 
 from ._heads import make_head
@@ -175,8 +176,10 @@ def _keys(dataset: Dataset) -> list[str | None]:
         except InputError:
             return None
 
-    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
-        return list(pool.map(one, dataset.items))
+    if dataset.modality == "text":
+        return [one(item) for item in dataset.items]
+    # Through the key memo, so the extraction that follows reads no file again.
+    return KeyMemo().keys(dataset.items, one, min(4, os.cpu_count() or 1))
 
 
 def _class_report(labels: np.ndarray) -> dict[str, Any]:
