@@ -183,17 +183,22 @@ def _trial_store(run: dict, name: str) -> Path:
     return folder / "features.h5"
 
 
+def _signal_a_run(run: dict, name: str, permille: int, signal_name: str):
+    """Start an extraction, signal it ``permille``/1000 into a run; wait."""
+    store = _trial_store(run, name)
+    log = store.with_name("child.log")
+    process = _spawn(run["table"], store, log)
+    _wait_ready(process, log)
+    time.sleep(run["after_ready"] * permille / 1000)
+    process.send_signal(getattr(signal, signal_name))
+    return store, log, process.wait(timeout=60)
+
+
 def test_sigkill_at_random_moments_loses_no_committed_row(sms_run, capsys):
     moments = random.Random(SEED).sample(range(1000), TRIALS)
     survived = lost = with_rows = with_temporaries = 0
     for trial, permille in enumerate(moments):
-        store = _trial_store(sms_run, f"kill{trial}")
-        log = store.with_name("child.log")
-        process = _spawn(sms_run["table"], store, log)
-        _wait_ready(process, log)
-        time.sleep(sms_run["after_ready"] * permille / 1000)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=60)
+        store, log, _ = _signal_a_run(sms_run, f"kill{trial}", permille, "SIGKILL")
 
         shard_dir = store.with_name(store.name + ".shards")
         with_temporaries += any(shard_dir.glob(".tmp-*"))
@@ -216,13 +221,7 @@ def test_ctrl_c_at_random_moments_exits_cleanly_and_keeps_rows(sms_run, capsys):
     moments = random.Random(SEED + 1).sample(range(1000), TRIALS)
     survived = lost = interrupted = finished_first = 0
     for trial, permille in enumerate(moments):
-        store = _trial_store(sms_run, f"int{trial}")
-        log = store.with_name("child.log")
-        process = _spawn(sms_run["table"], store, log)
-        _wait_ready(process, log)
-        time.sleep(sms_run["after_ready"] * permille / 1000)
-        process.send_signal(signal.SIGINT)
-        code = process.wait(timeout=60)
+        store, log, code = _signal_a_run(sms_run, f"int{trial}", permille, "SIGINT")
 
         text = log.read_text(errors="replace")
         assert "Traceback" not in text, text[-3000:]
