@@ -28,17 +28,17 @@ DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def sms_tables(folder: Path) -> tuple[list[str], list[str]]:
+def sms_tables(folder: Path) -> tuple[list[str], list[Path]]:
+    """The SMS split as two CSV tables (label, text), read by bneck's loader."""
     import pandas as pd
     from sklearn.model_selection import train_test_split
 
-    frame = pd.read_csv(
-        DATA / "sms_spam_collection" / "SMSSpamCollection",
-        sep="\t",
-        header=None,
-        quoting=3,
-        names=["label", "text"],
+    from features import load_dataset
+
+    data = load_dataset(
+        DATA / "sms_spam_collection" / "SMSSpamCollection", columns=["label", "text"]
     )
+    frame = pd.DataFrame({"label": data.labels, "text": data.items})
     train, val = train_test_split(
         frame, test_size=0.2, stratify=frame.label, random_state=0
     )
