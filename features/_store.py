@@ -191,7 +191,6 @@ class FeatureStore:
         )
 
     def _get(self, fingerprint: str, keys: Sequence[str]) -> np.ndarray:
-        import h5py
 
         index = self._index(fingerprint)
         absent = [key for key in keys if key not in index.location]
@@ -213,7 +212,7 @@ class FeatureStore:
             rows = np.array([row for row, _ in pairs])
             positions = np.array([position for _, position in pairs])
             unique, inverse = np.unique(rows, return_inverse=True)
-            with h5py.File(path, "r") as handle:
+            with _open_to_read(path) as handle:
                 group = handle[fingerprint]
                 block = group["features"][unique]
                 found = group["keys"][unique]
@@ -358,7 +357,6 @@ class FeatureStore:
 
     def _read_file(self, path: Path) -> dict:
         """Keys, failures and metadata of each namespace in one file (cached)."""
-        import h5py
 
         # A listed file that vanished was absorbed by a compaction in another
         # process: FileNotFoundError makes the caller list the files again.
@@ -367,7 +365,7 @@ class FeatureStore:
         if cache_key not in self._file_cache:
             content = {}
             try:
-                handle = h5py.File(path, "r")
+                handle = _open_to_read(path)
             except FileNotFoundError:
                 raise
             except OSError as exc:
@@ -400,6 +398,26 @@ class FeatureStore:
             ) from None
         with handle:
             _check_root(handle, path)
+
+
+def _open_to_read(path: Path):
+    """Open an HDF5 file of the store; FileNotFoundError if it vanished.
+
+    A compaction in another process may delete a file between the moment it
+    was listed and this open. HDF5 then reports a generic OSError (such as
+    "can't retrieve stat info for file"), which would read as a damaged
+    file; a file that no longer exists makes the caller index again.
+    """
+    import h5py
+
+    try:
+        return h5py.File(path, "r")
+    except FileNotFoundError:
+        raise
+    except OSError:
+        if not path.exists():
+            raise FileNotFoundError(f"{path} vanished while being opened") from None
+        raise
 
 
 def _check_root(handle, path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import h5py
 import numpy as np
@@ -187,3 +188,40 @@ def test_memory_store_has_the_same_interface(store):
         np.testing.assert_array_equal(target.get("fp", keys[::-1]), rows[::-1])
         assert target.info()["fp"]["rows"] == 4
         assert target.info()["fp"]["computed"] == 4
+
+
+def test_reader_indexes_again_after_another_process_compacted(store):
+    keys, rows = make_keys(20), make_rows(20)
+    store.put("fp", keys[:10], rows[:10], META)
+    store.put("fp", keys[10:], rows[10:], META)
+    reader = FeatureStore(store.path)
+    assert reader.keys("fp") == set(keys)  # indexed: two shards
+
+    store.compact()  # the shards the reader indexed are gone
+
+    assert reader.get("fp", keys).tobytes() == rows.tobytes()
+
+
+def test_vanished_file_with_hdf5s_generic_error_is_indexed_again(store, monkeypatch):
+    # A compaction in another process deletes a shard between the reader's
+    # listing and its open, and HDF5 reports it as a plain OSError ("can't
+    # retrieve stat info for file"), not FileNotFoundError.
+    keys, rows = make_keys(6), make_rows(6)
+    store.put("fp", keys[:3], rows[:3], META)
+    store.put("fp", keys[3:], rows[3:], META)
+    reader = FeatureStore(store.path)
+    real_open, raced = h5py.File, []
+
+    def hdf5_open(path, *args, **kwargs):
+        if not raced and ".shards" in str(path):
+            raced.append(path)
+            store.compact()
+        if not os.path.exists(path):
+            raise OSError(
+                "Unable to synchronously open file (can't retrieve stat info for file)"
+            )
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(h5py, "File", hdf5_open)
+    assert reader.get("fp", keys).tobytes() == rows.tobytes()
+    assert raced
