@@ -107,10 +107,14 @@ def test_frozen_blocks_option_sets_how_many(few_images, pretrained_state):
     assert any(_changed(pretrained_state, state, "net._blocks.12."))
 
 
-def test_head_and_pretrained_layers_get_their_learning_rates(fitted):
-    assert fitted.learning_rates_ == pytest.approx({"head": 1e-3, "backbone": 1e-4})
-    model = FineTunedClassifier(lr=0.02, backbone_lr_factor=0.5)
-    assert model.get_params()["backbone_lr_factor"] == 0.5
+def test_head_and_pretrained_layers_get_their_learning_rates(fitted, few_images):
+    # Images: the head at the from-scratch rate, pretrained layers 10x lower.
+    assert fitted.learning_rates_ == pytest.approx({"head": 3e-3, "backbone": 3e-4})
+    X, y = few_images
+    model = FineTunedClassifier(
+        lr=0.02, backbone_lr_factor=0.5, epochs=1, validation_fraction=0, **TINY
+    ).fit(X, y)
+    assert model.learning_rates_ == pytest.approx({"head": 0.02, "backbone": 0.01})
 
 
 def test_scratch_frees_every_layer_at_one_rate(few_images, pretrained_state):
@@ -255,6 +259,17 @@ def test_checkpoint_of_other_parameters_is_not_resumed(few_images, tmp_path):
     assert [r["epoch"] for r in epochs_run] == [1]
 
 
+def test_patience_stops_early_only_when_asked(few_images):
+    # At lr=0 nothing learns, so no epoch after the first scores better.
+    X, y = few_images
+    params = dict(epochs=4, lr=0.0, validation_fraction=0.25, **TINY)
+    stopped = FineTunedClassifier(patience=1, **params).fit(X, y)
+    assert [r["epoch"] for r in stopped.history_] == [1, 2]
+    assert stopped.best_epoch_ == 1
+    full = FineTunedClassifier(**params).fit(X, y)
+    assert [r["epoch"] for r in full.history_] == [1, 2, 3, 4]
+
+
 def test_unreadable_training_image_is_skipped(few_images, tmp_path):
     X, y = few_images
     broken = tmp_path / "broken.jpg"
@@ -273,6 +288,8 @@ def test_bad_parameters_are_refused_with_the_fix(few_images):
         FineTunedClassifier(strategy="bottleneck").fit(X, y)
     with pytest.raises(ValueError, match="frozen_blocks=17; efficientnet_lite0 has 16"):
         FineTunedClassifier(frozen_blocks=17, **TINY).fit(X, y)
+    with pytest.raises(ValueError, match="patience=0; expected a positive integer"):
+        FineTunedClassifier(patience=0).fit(X, y)
     with pytest.raises(ValueError, match="head_init='zeros'; expected 'probe'"):
         FineTunedClassifier(head_init="zeros").fit(X, y)
     with pytest.raises(ValueError, match="single class"):
@@ -302,6 +319,7 @@ def test_text_finetuning_predicts_and_exports(sms_file, tmp_path):
         if name.startswith(("bert.embeddings", "bert.encoder.layer.2."))
     ]
     assert frozen and not any(frozen)
+    assert model.learning_rates_ == pytest.approx({"head": 1e-3, "backbone": 1e-4})
     assert model.predict(X).shape == (12,)
     backbone, report = model.export_backbone(tmp_path)
     assert report["max_abs_diff"] < 1e-3
