@@ -143,6 +143,8 @@ def run(name: str, args, work: Path) -> dict:
         params["frozen_blocks"] = args.frozen_blocks
     if args.max_steps:
         params["max_steps_per_epoch"] = args.max_steps
+    if args.seed:
+        params["random_state"] = args.seed
     if args.limit:
         train, val = subset(train, args.limit), subset(val, args.limit)
     print(f"{name}: {len(train[0])} train, {len(val[0])} val", flush=True)
@@ -208,6 +210,9 @@ def main(argv=None) -> int:
     parser.add_argument("--frozen-blocks", type=int, help="default: half")
     parser.add_argument("--max-steps", type=int, help="steps per epoch (trials)")
     parser.add_argument("--limit", type=int, help="first N of each split (trials)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="fine-tuning's random_state (default 0)"
+    )
     parser.add_argument("--work", help="folder for the store and checkpoints")
     parser.add_argument(
         "--out", help="write the results as JSON here (and the table as .md)"

@@ -1031,7 +1031,7 @@ class _Trainer:
             "lr": [group["lr"] for group in optimiser.param_groups],
         }
         logger.info(
-            "epoch %d/%d: train loss %.4f, val loss %.4f, val accuracy %.4f "
+            "epoch %d/%d: train loss %.4f, hold-out loss %.4f, accuracy %.4f "
             "(%.0f s, %.1f samples/s)",
             record["epoch"],
             self.epochs,
@@ -1247,7 +1247,7 @@ def train_command(args, dataset, strategy: str) -> int:
         if echo:
             print(
                 f"epoch {record['epoch']}: train loss {record['train_loss']:.4f}, "
-                f"val loss {record['val_loss']:.4f}, val accuracy "
+                f"hold-out loss {record['val_loss']:.4f}, hold-out accuracy "
                 f"{record['val_accuracy']:.4f} ({record['seconds']:.0f} s)",
                 file=sys.stderr,
                 flush=True,
