@@ -143,8 +143,7 @@ def run(name: str, args, work: Path) -> dict:
         params["frozen_blocks"] = args.frozen_blocks
     if args.max_steps:
         params["max_steps_per_epoch"] = args.max_steps
-    if args.seed:
-        params["random_state"] = args.seed
+    params["random_state"] = args.seed
     if args.limit:
         train, val = subset(train, args.limit), subset(val, args.limit)
     print(f"{name}: {len(train[0])} train, {len(val[0])} val", flush=True)

@@ -191,7 +191,6 @@ class FeatureStore:
         )
 
     def _get(self, fingerprint: str, keys: Sequence[str]) -> np.ndarray:
-
         index = self._index(fingerprint)
         absent = [key for key in keys if key not in index.location]
         if absent and not index.meta:
@@ -357,7 +356,6 @@ class FeatureStore:
 
     def _read_file(self, path: Path) -> dict:
         """Keys, failures and metadata of each namespace in one file (cached)."""
-
         # A listed file that vanished was absorbed by a compaction in another
         # process: FileNotFoundError makes the caller list the files again.
         stat = path.stat()

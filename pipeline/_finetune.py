@@ -314,10 +314,9 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
             good = np.asarray(good, dtype=int)
             train, val = self._split(good, targets)
             network, frozen = self._build(torch, base, len(self.classes_))
-            trainer = _Trainer(
-                self, self._settings(base), torch, network, frozen, data, targets
-            )
-            trainer.run(train, val, self._signature(items, targets))
+            settings = self._settings(base)
+            trainer = _Trainer(self, settings, torch, network, frozen, data, targets)
+            trainer.run(train, val, self._signature(items, targets, settings))
         self.network_ = network.eval()
         self.learning_rates_ = trainer.learning_rates
         self.history_ = trainer.history
@@ -429,12 +428,14 @@ class FineTunedClassifier(ClassifierMixin, BaseEstimator):
         )
         return network, frozen
 
-    def _signature(self, items: list, targets: np.ndarray) -> str:
+    def _signature(self, items: list, targets: np.ndarray, settings: dict) -> str:
+        # The resolved settings too: a checkpoint written under other
+        # defaults (of an older bneck) is of another run.
         params = {
             key: value
             for key, value in self.get_params().items()
             if key not in _RUN_ONLY
-        }
+        } | settings
         digest = hashlib.sha256(json.dumps(params, default=str).encode())
         for item in items:
             digest.update(item if isinstance(item, bytes) else str(item).encode())
@@ -976,7 +977,7 @@ class _Trainer:
                 and state["bad_epochs"] >= params.patience
             ):
                 logger.info(
-                    "no better hold-out accuracy for %d epochs: stop", params.patience
+                    "no better hold-out score for %d epochs: stop", params.patience
                 )
                 state["stopped"] = True
             self._save(checkpoint, signature, optimiser, scheduler, state)
@@ -1046,10 +1047,10 @@ class _Trainer:
     def _linear_probe(self, train: np.ndarray) -> None:
         """Start the head from a logistic regression on the frozen features.
 
-        Training a new head and the pretrained layers together from a random
-        head sends large, noisy gradients into those layers during the first
-        steps; starting from the linear probe's solution, the fine-tuning
-        improves on the frozen result instead of first catching up with it.
+        From the probe's solution the first steps send small, steady
+        gradients into the pretrained layers instead of a random head's
+        large, noisy ones. The default for texts; for images it kept the
+        features too close to the frozen ones (see ``head_init``).
         """
         torch = self.torch
         start = time.perf_counter()
